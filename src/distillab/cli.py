@@ -1,0 +1,119 @@
+"""Command-line checks that run before Hydra starts a job.
+
+Hydra reports a bad override as a multi-line composition error (or only when a sweep job
+reaches it). Composing the config once per distinct override value up front turns every
+such mistake, and every out-of-range value, into one line naming the key and what is
+allowed, with exit code 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from distillab.config import ConfigError, validate
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Hydra flags that print or inspect something instead of running a job
+_NO_CHECK = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
+
+
+def override_variants(overrides: list[str]) -> Iterable[list[str]]:
+    """The overrides with each sweep replaced by one of its values: first all first values,
+    then each other value of each sweep once (linear in the number of values, not a product)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices: list[list[str]] = []
+    for override, text in zip(parsed, overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            try:
+                values = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            except Exception:  # noqa: BLE001 - interval sweeps (optuna) have no finite values
+                values = []
+            choices.append(values)
+        else:
+            choices.append([text])
+    base = [values[0] for values in choices if values]
+    yield base
+    for i, values in enumerate(choices):
+        for value in values[1:]:
+            variant = list(base)
+            variant[sum(1 for v in choices[:i] if v)] = value
+            yield variant
+
+
+def explain(error: BaseException) -> str:
+    """One line naming the key at fault and what is allowed."""
+    if isinstance(error, ConfigError):
+        return str(error)
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group = (error.missing_cfg_file or "").rsplit("/", 1)
+        name = group[-1]
+        group_name = group[0] if len(group) > 1 else "config"
+        return f"{group_name}={name} is not an option; allowed: {', '.join(sorted(error.options))}"
+    cause = error.__cause__ if isinstance(error, HydraException) and error.__cause__ else error
+    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key} is not a known key{_allowed_keys(cause.full_key)}"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    if isinstance(cause, OmegaConfBaseException):
+        return str(cause).splitlines()[0]
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _allowed_keys(full_key: str) -> str:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    try:
+        cfg = _compose([])
+        node = cfg.select(parent) if parent else cfg
+        keys = [k for k in node.keys() if not str(k).startswith("_")]
+    except Exception:  # noqa: BLE001 - the hint is optional
+        return ""
+    where = parent or "the top level"
+    return f"; allowed keys of {where}: {', '.join(map(str, keys))}"
+
+
+def _compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "train"):
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    GlobalHydra.instance().clear()
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def check(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "train") -> None:
+    """Raise ``ConfigError`` (one line) if any variant of ``overrides`` is not a valid run."""
+    for variant in override_variants(overrides):
+        try:
+            validate(_compose(variant, config_dir, config_name))
+        except ConfigError:
+            raise
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(explain(error)) from None
+
+
+def check_command_line(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if any(getattr(args, name, None) for name in _NO_CHECK):
+        return
+    config_dir = Path(args.config_dir) if args.config_dir else CONF_DIR
+    config_name = args.config_name or "train"
+    hydra_only = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        check(hydra_only, config_dir, config_name)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        GlobalHydra.instance().clear()

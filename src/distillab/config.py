@@ -1,0 +1,199 @@
+"""Typed schemas for the values that must be checked before any work starts.
+
+Group files extend these schemas (``defaults: [/schema/<group>/<name>@_here_, _self_]``), so
+Hydra rejects a misspelled key or a value of the wrong type at composition; ``validate``
+then checks ranges and keys added with ``+``, and every failure becomes one line that names
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class InMemoryDataSchema:
+    _target_: str = "distillab.data.DigitsDataModule"
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            _require(0 < value < 1, key, value, "a fraction in (0, 1)")
+        total = self.val_fraction + self.test_fraction
+        _require(total < 1, "val_fraction", self.val_fraction,
+                 f"val_fraction + test_fraction must be < 1 (now {total:g})")
+
+
+@dataclass
+class SyntheticDataSchema(InMemoryDataSchema):
+    _target_: str = "distillab.data.SyntheticDataModule"
+    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+    num_classes: int = 10
+    num_samples: int = 1000
+    noise: float = 1.0
+    data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.input_shape) >= 1 and all(d >= 1 for d in self.input_shape),
+                 "input_shape", list(self.input_shape), "a list of positive sizes, e.g. [3, 32, 32]")
+        _require(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
+        _require(self.num_samples >= 10 * self.num_classes, "num_samples", self.num_samples,
+                 f"at least 10 per class (>= {10 * self.num_classes})")
+
+
+# -- distillation -----------------------------------------------------------------------------
+@dataclass
+class NoDistillSchema:
+    _target_: str = "distillab.distill.losses.CrossEntropy"
+
+
+@dataclass
+class KDSchema:
+    _target_: str = "distillab.distill.losses.KDLoss"
+    lam: float = 0.5
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.lam <= 1, "lam", self.lam, "a weight in [0, 1] (0 = cross-entropy only, 1 = soft targets only)")
+        _require(self.temperature > 0, "temperature", self.temperature, "a temperature > 0")
+
+
+# -- compression ------------------------------------------------------------------------------
+@dataclass
+class NoCompressSchema:
+    method: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.method == "none", "method", self.method, "'none' for this config")
+
+
+# -- teacher recipe ---------------------------------------------------------------------------
+@dataclass
+class TeacherRecipeSchema:
+    max_epochs: int = 40
+    seed: int = 0
+    optim: Any = None
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
+
+
+# -- trainer ----------------------------------------------------------------------------------
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+              "transformer-engine")
+
+
+@dataclass
+class TrainerSchema:
+    """The Lightning Trainer arguments a run may set (unknown ones are rejected)."""
+
+    _target_: str = "pytorch_lightning.Trainer"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    sync_batchnorm: bool = False
+    max_epochs: int = 100
+    min_epochs: Optional[int] = None
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    val_check_interval: Any = None
+    log_every_n_steps: int = 50
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    num_sanity_val_steps: int = 0
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    detect_anomaly: bool = False
+    fast_dev_run: Any = False
+    inference_mode: bool = True
+    profiler: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
+        _require(self.accelerator in ACCELERATORS, "accelerator", self.accelerator, f"one of {', '.join(ACCELERATORS)}")
+        _require(str(self.precision) in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "an integer >= 1")
+        _require(self.log_every_n_steps >= 1, "log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
+        _require(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", self.accumulate_grad_batches,
+                 "an integer >= 1")
+
+
+SCHEMAS = {
+    "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema},
+    "distill": {"none": NoDistillSchema, "kd": KDSchema},
+    "compress": {"none": NoCompressSchema},
+    "teacher": {"recipe": TeacherRecipeSchema},
+    "trainer": {"default": TrainerSchema},
+}
+
+
+def register_schemas() -> None:
+    """Store the schemas as ``schema/<group>/<name>`` in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
+
+# -- validation -------------------------------------------------------------------------------
+def _schema_nodes(node: DictConfig, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            child_path = f"{path}.{key}" if path else str(key)
+            if dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                yield child_path, child
+            yield from _schema_nodes(child, child_path)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every schema-typed node of ``cfg``; raise ``ConfigError`` with one line."""
+    for path, node in _schema_nodes(cfg):
+        schema = OmegaConf.get_type(node)
+        allowed = [f.name for f in dataclasses.fields(schema)]
+        unknown = [key for key in node.keys() if key not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"{path}.{unknown[0]} is not a known key; allowed keys of {path}: "
+                + ", ".join(k for k in allowed if not k.startswith("_"))
+            )
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError as error:
+            raise ConfigError(f"{path}.{error}") from None
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None

@@ -1,0 +1,170 @@
+"""In-memory datasets with a fast batch path.
+
+For data that fits in memory as tensors (digits is 1,797 8×8 images) a DataLoader's
+per-sample indexing and collation costs more than the student's whole step, so batches are
+sliced from preloaded tensors instead: one index op per batch, no workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class TensorBatches:
+    """An iterable of ``(x, y, index)`` batches sliced from in-memory tensors.
+
+    ``index`` is each sample's position in the split, so per-sample data (cached teacher
+    outputs, label masks) can be looked up. Under distributed training each rank takes a
+    disjoint, equal-sized shard of every epoch's permutation, as a DistributedSampler would.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def _indices(self) -> Tensor:
+        n = len(self.y)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = -(-n // self.world_size)
+            order = torch.cat([order, order[: per_rank * self.world_size - n]])
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        order = self._indices()
+        self.epoch += 1
+        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
+        for start in range(0, stop, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.x[index], self.y[index], index
+
+    def __len__(self) -> int:
+        n = -(-len(self.y) // self.world_size)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base class: a subclass implements ``load_arrays()`` returning all features and labels;
+    this class makes the fixed-seed stratified train/val/test split and serves batches.
+
+    The split depends on ``split_seed`` only, not on the run's ``seed``, so every seed of a
+    sweep (and the cached teacher) sees the same train/val/test samples.
+    """
+
+    name = "in_memory"
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_seed, self.normalize = split_seed, normalize
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.shuffle_seed = 0
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} must implement load_arrays()")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y = self.load_arrays()
+        index = np.arange(len(y))
+        holdout = self.val_fraction + self.test_fraction
+        train_idx, rest_idx = train_test_split(
+            index, test_size=holdout, stratify=y, random_state=self.split_seed
+        )
+        val_idx, test_idx = train_test_split(
+            rest_idx,
+            test_size=self.test_fraction / holdout,
+            stratify=y[rest_idx],
+            random_state=self.split_seed,
+        )
+        x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(y, dtype=torch.long)
+        if self.normalize:
+            # statistics from the training split only, so nothing leaks from val/test
+            mean, std = x[train_idx].mean(), x[train_idx].std().clamp_min(1e-8)
+            x = (x - mean) / std
+        for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+            idx = torch.as_tensor(np.sort(idx))
+            self.splits[name] = (x[idx].contiguous(), y[idx].contiguous())
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return tuple(self.splits["train"][0].shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return int(self.splits["train"][1].max()) + 1
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        self.setup()
+        return {name: len(y) for name, (_, y) in self.splits.items()}
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
+        self.setup()
+        x, y = self.splits[split]
+        rank, world = self._distributed() if shuffle else (0, 1)
+        return TensorBatches(x, y, batch_size, shuffle, self.shuffle_seed, rank=rank, world_size=world)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", True, self.batch_size)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", False, self.eval_batch_size)
+
+    def describe(self) -> str:
+        sizes = self.split_sizes
+        return (
+            f"{self.name}: {sum(sizes.values())} samples, input {self.input_shape}, "
+            f"{self.num_classes} classes; split train/val/test = "
+            f"{sizes['train']}/{sizes['val']}/{sizes['test']} (split_seed={self.split_seed})"
+        )
+
+

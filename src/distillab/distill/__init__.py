@@ -1,0 +1,1 @@
+"""Distillation: the losses (pure functions and small modules) and the LightningModules."""

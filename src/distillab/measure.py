@@ -1,0 +1,90 @@
+"""What a deployment would see of a model: parameters, nonzero parameters, serialized bytes,
+multiply-accumulates and CPU latency."""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def params(model: nn.Module) -> int:
+    """Number of parameter elements (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def nonzero_params(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of the saved ``state_dict``: the artifact a user would ship."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _example(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> torch.Tensor:
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    return torch.randn(batch_size, *input_shape, device=device)
+
+
+def macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on one sample (FLOPs / 2, matmuls and convs)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_example(model, input_shape, 1))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def latency_ms(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = 1,
+) -> float:
+    """Median wall time of one forward pass on the CPU, after warm-up, at a fixed thread count."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(batch_size, *input_shape)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 1000.0 * statistics.median(times)
+
+
+def profile(model: nn.Module, input_shape: Sequence[int], threads: int | None = 1) -> dict:
+    """The measurement block of results.json for one model."""
+    return {
+        "params": params(model),
+        "nonzero_params": nonzero_params(model),
+        "size_bytes": size_bytes(model),
+        "macs": macs(model, input_shape),
+        "latency_ms": {
+            "batch_1": round(latency_ms(model, input_shape, 1, threads=threads), 4),
+            "batch_64": round(latency_ms(model, input_shape, 64, threads=threads), 4),
+        },
+    }

@@ -1,0 +1,101 @@
+"""``results.json``: one flat, stable record per run, written atomically.
+
+Schema (accuracies are fractions in [0, 1]; see the README for every field):
+    status, error?, config_hash, group, overrides, seed, dataset, method, compress,
+    teacher {arch, params, cache, cache_key, test {acc, f1, precision, recall}},
+    student {arch, params, nonzero_params, size_bytes, macs, latency_ms {batch_1, batch_64},
+             test {acc, f1, precision, recall, agreement}, val {acc}},
+    compressed {same as student; absent when compress=none},
+    ratios {params, size, acc_retention}, timing_s {teacher, student, compress, total},
+    env {git_commit, python, torch, lightning, hydra, device}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distillab.io import atomic_write_json
+
+FILENAME = "results.json"
+SCHEMA_VERSION = 1
+REQUIRED_OK = ("config_hash", "group", "overrides", "seed", "dataset", "method", "compress",
+               "teacher", "student", "ratios", "timing_s", "env")
+# settings that change where and how a run is shown, not what it computes
+NOT_HASHED = ("paths", "logger", "callbacks")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_HASHED:
+        container.pop(key, None)
+    container.get("trainer", {}).pop("enable_progress_bar", None)
+    blob = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def group_of(overrides: list[str]) -> str:
+    """The configuration a job belongs to: its overrides minus the seed."""
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed")
+    return " ".join(kept) if kept else "(defaults)"
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(root: Path, device: str) -> dict[str, Any]:
+    import hydra
+    import pytorch_lightning
+    import torch
+
+    return {
+        "git_commit": git_commit(root),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": pytorch_lightning.__version__,
+        "hydra": hydra.__version__,
+        "device": device,
+    }
+
+
+def check(results: dict[str, Any]) -> None:
+    """Raise ValueError when a record misses a field of the schema."""
+    if results.get("status") not in ("ok", "failed"):
+        raise ValueError(f"results.status must be 'ok' or 'failed', got {results.get('status')!r}")
+    if results["status"] == "failed":
+        if not isinstance(results.get("error"), str) or "\n" in results["error"]:
+            raise ValueError("a failed result needs a one-line 'error'")
+        return
+    missing = [key for key in REQUIRED_OK if key not in results]
+    if missing:
+        raise ValueError(f"results.json misses {', '.join(missing)}")
+    for role in ("teacher", "student", "compressed"):
+        block = results.get(role)
+        if block is None:
+            continue
+        for name, value in block.get("test", {}).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{role}.test.{name}={value} is not a fraction in [0, 1]")
+
+
+def write(folder: str | Path, results: dict[str, Any]) -> Path:
+    check(results)
+    return atomic_write_json(Path(folder) / FILENAME, results)
+
+
+def read(folder_or_file: str | Path) -> dict[str, Any]:
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / FILENAME
+    return json.loads(path.read_text())
