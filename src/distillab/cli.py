@@ -17,7 +17,8 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from distillab.config import ConfigError, validate
 
@@ -50,7 +51,7 @@ def override_variants(overrides: list[str]) -> Iterable[list[str]]:
             yield variant
 
 
-def explain(error: BaseException) -> str:
+def explain(error: BaseException, overrides: list[str] | None = None) -> str:
     """One line naming the key at fault and what is allowed."""
     if isinstance(error, ConfigError):
         return str(error)
@@ -60,8 +61,8 @@ def explain(error: BaseException) -> str:
         group_name = group[0] if len(group) > 1 else "config"
         return f"{group_name}={name} is not an option; allowed: {', '.join(sorted(error.options))}"
     cause = error.__cause__ if isinstance(error, HydraException) and error.__cause__ else error
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
-        return f"{cause.full_key} is not a known key{_allowed_keys(cause.full_key)}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        return f"{cause.full_key} is not a known key{_allowed_keys(cause.full_key, overrides or [])}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     if isinstance(cause, OmegaConfBaseException):
@@ -69,21 +70,21 @@ def explain(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _allowed_keys(full_key: str) -> str:
+def _allowed_keys(full_key: str, overrides: list[str]) -> str:
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    others = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
     try:
-        cfg = _compose([])
-        node = cfg.select(parent) if parent else cfg
+        cfg = _compose(others)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
         keys = [k for k in node.keys() if not str(k).startswith("_")]
     except Exception:  # noqa: BLE001 - the hint is optional
         return ""
     where = parent or "the top level"
-    return f"; allowed keys of {where}: {', '.join(map(str, keys))}"
+    listed = ", ".join(map(str, keys)) or "none with this option"
+    return f"; allowed keys of {where}: {listed}"
 
 
-def _compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "train"):
-    from omegaconf import OmegaConf
-
+def _compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
@@ -100,7 +101,7 @@ def check(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = 
         except ConfigError:
             raise
         except (HydraException, OmegaConfBaseException) as error:
-            raise ConfigError(explain(error)) from None
+            raise ConfigError(explain(error, variant)) from None
 
 
 def check_command_line(argv: list[str] | None = None) -> None:

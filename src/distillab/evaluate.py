@@ -7,7 +7,6 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import (
-    multiclass_accuracy,
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
@@ -34,13 +33,13 @@ def classification_metrics(preds: Tensor, targets: Tensor, num_classes: int) -> 
     """Accuracy over samples; F1, precision and recall as unweighted means over classes."""
     args = (preds, targets, num_classes)
     return {
-        "acc": float(multiclass_accuracy(*args, average="micro")),
-        "f1": float(multiclass_f1_score(*args, average="macro")),
-        "precision": float(multiclass_precision(*args, average="macro")),
-        "recall": float(multiclass_recall(*args, average="macro")),
+        "acc": round(float((preds == targets).double().mean()), 6),
+        "f1": round(float(multiclass_f1_score(*args, average="macro")), 6),
+        "precision": round(float(multiclass_precision(*args, average="macro")), 6),
+        "recall": round(float(multiclass_recall(*args, average="macro")), 6),
     }
 
 
 def agreement(preds_a: Tensor, preds_b: Tensor) -> float:
     """Share of samples on which two models predict the same class."""
-    return float((preds_a == preds_b).float().mean())
+    return round(float((preds_a == preds_b).double().mean()), 6)

@@ -8,6 +8,7 @@ with one line and leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 import warnings
@@ -22,7 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from distillab import loggers, measure, results, teachers
@@ -37,8 +38,10 @@ log = logging.getLogger(__name__)
 # Lightning's start-up banner ("GPU available: …", tips) is noise in a sweep's logs
 for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# metrics are logged once per epoch, and in-memory batches need no worker processes
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=r".*Total length of `.*` across ranks is zero.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 @dataclass
@@ -62,16 +65,22 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
     if raise_on_failure is None:
         raise_on_failure = not _is_multirun()
     start = time.perf_counter()
-    validate(cfg)
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    parts = prepare(cfg)
+    out = Path(cfg.paths.output_dir)
     try:
+        validate(cfg)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
+        # before any model is built: the student's initial weights depend on the seed only
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        parts = prepare(cfg)
         record = execute(cfg, parts, start)
     except Exception as error:  # noqa: BLE001 - every failure is recorded, then re-raised or logged
+        # bad input of a single run leaves nothing behind; in a sweep the report lists it
+        if raise_on_failure and isinstance(error, ConfigError):
+            raise
         record = failure(cfg, error)
         if _is_rank_zero():
-            results.write(parts.out, record)
+            results.write(out, record)
         if raise_on_failure:
             raise
         log.error("run failed: %s", record["error"])
@@ -86,20 +95,18 @@ def prepare(cfg: DictConfig) -> Parts:
     student = build_model("student", cfg.student, data)
     build_model("teacher", cfg.teacher, data)  # checks the teacher's options before training
     loss = _build("distill", cfg.distill)
-    out = Path(cfg.paths.output_dir)
-    return Parts(data, student, loss, out)
+    return Parts(data, student, loss, Path(cfg.paths.output_dir))
 
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     data, student, loss, out = parts.data, parts.student, parts.loss, parts.out
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
     teacher = teachers.obtain(
         cfg,
         build=lambda: build_model("teacher", cfg.teacher, data),
         train=lambda model, staging: train_teacher(cfg, model, data, staging),
     )
 
+    # training a teacher (cache miss) consumed random numbers; a hit did not
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student_start = time.perf_counter()
     module = DistillationModule(
@@ -137,7 +144,11 @@ def _build(key: str, node: DictConfig, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
-        raise ConfigError(f"{key}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+        message = str(cause).splitlines()[0]
+        # a message "<argument>=<value>: ..." names its key relative to the node
+        if re.match(r"^\w+=", message):
+            raise ConfigError(f"{key}.{message}") from None
+        raise ConfigError(f"{key}: {type(cause).__name__}: {message}") from None
 
 
 def build_model(role: str, node: DictConfig, data: InMemoryDataModule) -> nn.Module:
@@ -159,8 +170,6 @@ def make_trainer(cfg: DictConfig, run_loggers: list, checkpoint_dir: Path, max_e
         for conf in (cfg.get("callbacks") or {}).values()
         if conf is not None and (show_progress or not conf._target_.endswith("ProgressBar"))
     ]
-    if show_progress and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
-        callbacks.append(TQDMProgressBar(refresh_rate=20))
     # ties keep the earlier epoch; the file is written through a temporary file (fsspec)
     callbacks.append(
         ModelCheckpoint(

@@ -92,14 +92,20 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.normalize = split_seed, normalize
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.shuffle_seed = 0
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError(f"{type(self).__name__} must implement load_arrays()")
 
+    @property
+    def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{"train"|"val"|"test": (x, y)}``, loaded on first use."""
+        self.setup()
+        return self._splits
+
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self._splits:
             return
         x, y = self.load_arrays()
         index = np.arange(len(y))
@@ -121,21 +127,18 @@ class InMemoryDataModule(pl.LightningDataModule):
             x = (x - mean) / std
         for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             idx = torch.as_tensor(np.sort(idx))
-            self.splits[name] = (x[idx].contiguous(), y[idx].contiguous())
+            self._splits[name] = (x[idx].contiguous(), y[idx].contiguous())
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        self.setup()
         return tuple(self.splits["train"][0].shape[1:])
 
     @property
     def num_classes(self) -> int:
-        self.setup()
         return int(self.splits["train"][1].max()) + 1
 
     @property
     def split_sizes(self) -> dict[str, int]:
-        self.setup()
         return {name: len(y) for name, (_, y) in self.splits.items()}
 
     def _distributed(self) -> tuple[int, int]:
@@ -145,7 +148,6 @@ class InMemoryDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
-        self.setup()
         x, y = self.splits[split]
         rank, world = self._distributed() if shuffle else (0, 1)
         return TensorBatches(x, y, batch_size, shuffle, self.shuffle_seed, rank=rank, world_size=world)

@@ -31,8 +31,9 @@ class CNN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if width < 1 or blocks < 1:
-            raise ValueError(f"CNN width and blocks must be >= 1, got width={width}, blocks={blocks}")
+        for name, value in (("width", width), ("blocks", blocks)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be an integer >= 1")
         channels, height, wide = int(input_shape[0]), int(input_shape[1]), int(input_shape[2])
         stages = []
         for i in range(blocks):

@@ -23,7 +23,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if any(int(width) < 1 for width in hidden):
-            raise ValueError(f"MLP hidden sizes must be positive integers, got {list(hidden)}")
+            raise ValueError(f"hidden={list(hidden)}: layer sizes must be positive integers")
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))

@@ -1,0 +1,61 @@
+"""Shared fixtures: configs composed from the real conf/ tree, with tiny epochs and private
+output and cache folders, so tests call ``pipeline.run(cfg)`` as ``train.py`` would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from distillab.config import register_schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# small enough to finish in seconds, large enough for the digits models to learn
+FAST = [
+    "trainer.max_epochs=3",
+    "teacher.recipe.max_epochs=3",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+register_schemas()
+
+
+def compose_cfg(overrides: list[str], out: Path, cache: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml like a Hydra run, with output and cache folders under ``out``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(out)
+        cfg.paths.cache_dir = str(cache or out / "teacher_cache")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    def make(*overrides: str, fast: bool = True, out: Path | None = None, cache: Path | None = None) -> DictConfig:
+        return compose_cfg((FAST if fast else []) + list(overrides), out or tmp_path / "run", cache or tmp_path / "cache")
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess, as a user would type it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

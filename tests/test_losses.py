@@ -1,0 +1,84 @@
+"""kd_loss against values computed by hand in the test."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillab.distill.losses import CrossEntropy, KDLoss, kd_loss, kd_terms
+
+
+def _hand_kl(p_teacher: list[float], p_student: list[float]) -> float:
+    return sum(p * math.log(p / q) for p, q in zip(p_teacher, p_student))
+
+
+def _softmax(logits: list[float], temperature: float) -> list[float]:
+    exps = [math.exp(v / temperature) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def test_kd_loss_matches_hand_computation():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.0]]
+    targets = [1, 2]
+    lam, temperature = 0.3, 4.0
+    ce = -sum(math.log(_softmax(s, 1.0)[y]) for s, y in zip(student, targets)) / 2
+    kl = sum(_hand_kl(_softmax(t, temperature), _softmax(s, temperature)) for s, t in zip(student, teacher)) / 2
+    expected = (1 - lam) * ce + lam * temperature**2 * kl
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(targets), lam, temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lambda_zero_is_cross_entropy():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert kd_loss(s, t, y, 0.0, 3.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+
+
+def test_identical_logits_give_zero_kd_term():
+    torch.manual_seed(0)
+    s, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    terms = kd_terms(s, s.clone(), y, 0.7, 2.0)
+    assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["ce"].item() == pytest.approx(0.3 * F.cross_entropy(s, y).item(), rel=1e-6)
+
+
+def test_temperature_squared_factor():
+    torch.manual_seed(1)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    temperature = 3.0
+    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
+                  reduction="batchmean")
+    assert kd_loss(s, t, y, 1.0, temperature).item() == pytest.approx(temperature**2 * kl.item(), rel=1e-5)
+
+
+def test_gradient_reaches_the_student_only():
+    torch.manual_seed(2)
+    s = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 3, requires_grad=True)
+    kd_loss(s, t, torch.tensor([0, 1, 2, 0]), 0.5, 2.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_pure_distillation_ignores_labels():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    a = kd_loss(s, t, torch.tensor([0, 0, 0, 0]), 1.0, 2.0)
+    b = kd_loss(s, t, torch.tensor([2, 1, 2, 1]), 1.0, 2.0)
+    assert a.item() == b.item()
+
+
+def test_loss_modules_return_named_terms():
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    kd = KDLoss(lam=0.5, temperature=2.0)(s, t, y)
+    assert set(kd) == {"ce", "kd", "loss"}
+    assert kd["loss"].item() == pytest.approx((kd["ce"] + kd["kd"]).item())
+    ce = CrossEntropy()(s, None, y)
+    assert ce["loss"].item() == pytest.approx(F.cross_entropy(s, y).item())
+
+
+@pytest.mark.parametrize("kwargs", [{"lam": 1.5}, {"lam": -0.1}, {"temperature": 0.0}])
+def test_kd_loss_module_rejects_bad_weights(kwargs):
+    with pytest.raises(ValueError):
+        KDLoss(**kwargs)

@@ -1,0 +1,115 @@
+"""End to end on digits with few epochs: results.json, the teacher cache, failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillab import pipeline, results, teachers
+
+
+def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
+    cfg = make_cfg("distill=kd", "distill.lam=0.5", "distill.temperature=2")
+    record = pipeline.run(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk == record
+    results.check(on_disk)
+    assert on_disk["status"] == "ok" and on_disk["method"] == "kd" and on_disk["compress"] == "none"
+    assert on_disk["dataset"] == "digits" and on_disk["seed"] == 0
+    teacher, student = on_disk["teacher"], on_disk["student"]
+    assert teacher["cache"] == "miss" and len(teacher["cache_key"]) == 16
+    assert teacher["arch"] == "cnn" and student["arch"] == "mlp"
+    assert teacher["params"] >= 10 * student["params"]
+    assert student["params"] == 64 * 32 + 32 + 32 * 10 + 10
+    for block in (teacher["test"], student["test"]):
+        assert all(0.0 <= v <= 1.0 for v in block.values())
+    assert {"acc", "f1", "precision", "recall", "agreement"} <= set(student["test"])
+    assert student["test"]["acc"] > 0.5  # three epochs already learn digits
+    assert on_disk["ratios"]["params"] == pytest.approx(student["params"] / teacher["params"])
+    assert on_disk["ratios"]["acc_retention"] == pytest.approx(student["test"]["acc"] / teacher["test"]["acc"])
+    assert set(on_disk["timing_s"]) == {"teacher", "student", "compress", "total"}
+    assert set(on_disk["env"]) == {"git_commit", "python", "torch", "lightning", "hydra", "device"}
+    # the student checkpoint holds the student only
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(key.startswith("model.") for key in state)
+    # per-epoch metric logs for both models, with each loss term named
+    header = (tmp_path / "run" / "csv" / "student" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/ce", "train/kd", "train/loss", "val/acc"} <= set(header.split(","))
+
+
+def test_second_run_hits_the_teacher_cache(make_cfg, tmp_path, caplog):
+    first = pipeline.run(make_cfg(out=tmp_path / "a"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distillab.teachers"):
+        second = pipeline.run(make_cfg("distill=none", "seed=1", out=tmp_path / "b"))
+    assert first["teacher"]["cache"] == "miss" and second["teacher"]["cache"] == "hit"
+    assert second["teacher"]["cache_key"] == first["teacher"]["cache_key"]
+    assert second["teacher"]["test"] == first["teacher"]["test"]
+    assert any(f"teacher cache hit: key {first['teacher']['cache_key']}" in m for m in caplog.messages)
+    assert second["timing_s"]["teacher"] < first["timing_s"]["teacher"]
+    # a different teacher recipe is another teacher
+    third = pipeline.run(make_cfg("teacher.recipe.max_epochs=2", out=tmp_path / "c"))
+    assert third["teacher"]["cache"] == "miss"
+    assert third["teacher"]["cache_key"] != first["teacher"]["cache_key"]
+
+
+def test_cache_key_ignores_the_run_seed_and_display_settings(make_cfg):
+    base = teachers.cache_key(make_cfg())
+    assert teachers.cache_key(make_cfg("seed=7", "trainer.enable_progress_bar=true", "data.eval_batch_size=64")) == base
+    assert teachers.cache_key(make_cfg("teacher.width=8")) != base
+    assert teachers.cache_key(make_cfg("teacher.recipe.seed=1")) != base
+    assert teachers.cache_key(make_cfg("data.split_seed=1")) != base
+
+
+def test_a_killed_teacher_training_leaves_nothing_trusted(make_cfg, tmp_path):
+    cfg = make_cfg()
+
+    def crash(model, staging):
+        (staging / "partial").write_text("half a teacher")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        teachers.obtain(cfg, build=lambda: torch.nn.Linear(64, 10), train=crash)
+    cache = Path(cfg.paths.cache_dir)
+    assert not teachers.is_complete(teachers.cache_folder(cfg))
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_teacher_from_a_state_dict_file(make_cfg, tmp_path):
+    cfg = make_cfg()
+    model = pipeline.build_model("teacher", cfg.teacher, pipeline.prepare(cfg).data)
+    path = tmp_path / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    record = pipeline.run(make_cfg(f"teacher.ckpt_path={path}", out=tmp_path / "file"))
+    assert record["teacher"]["cache"] == "file"
+    assert not Path(cfg.paths.cache_dir).exists()
+
+
+def test_nan_loss_is_a_failed_run_with_one_line(make_cfg, tmp_path):
+    cfg = make_cfg("optim.optimizer.lr=1e30", "distill=none", "data.normalize=false")
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        pipeline.run(cfg, raise_on_failure=True)
+    record = results.read(tmp_path / "run")
+    assert record["status"] == "failed" and "\n" not in record["error"]
+    assert "FloatingPointError" in record["error"]
+
+
+def test_in_a_sweep_a_failure_is_recorded_and_the_run_returns(make_cfg, tmp_path):
+    record = pipeline.run(make_cfg("optim.optimizer.lr=1e30", "distill=none", "data.normalize=false"),
+                          raise_on_failure=False)
+    assert record["status"] == "failed"
+    assert results.read(tmp_path / "run")["status"] == "failed"
+
+
+def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, tmp_path):
+    cold = pipeline.run(make_cfg("seed=3", out=tmp_path / "cold"))
+    warm = pipeline.run(make_cfg("seed=3", out=tmp_path / "warm"))
+    other = pipeline.run(make_cfg("seed=4", out=tmp_path / "other"))
+    assert (cold["teacher"]["cache"], warm["teacher"]["cache"]) == ("miss", "hit")
+    assert cold["student"]["test"] == warm["student"]["test"]
+    a = torch.load(tmp_path / "cold" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "warm" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    c = torch.load(tmp_path / "other" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)

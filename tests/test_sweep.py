@@ -1,0 +1,54 @@
+"""A real multirun from the command line, and two jobs racing for the same missing teacher."""
+
+import csv
+import multiprocessing
+import time
+from pathlib import Path
+
+import torch
+
+from distillab import results, teachers
+from tests.conftest import FAST, compose_cfg, run_train
+
+
+def test_multirun_trains_the_teacher_once_and_writes_the_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train(["-m", "distill=none,kd", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
+                        f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [results.read(job) for job in sorted(sweep.glob("[0-9]*"))]
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert sorted(r["teacher"]["cache"] for r in records) == ["hit", "hit", "hit", "miss"]
+    assert len({r["teacher"]["cache_key"] for r in records}) == 1
+    assert len({r["group"] for r in records}) == 2 and all("distill=" in r["group"] for r in records)
+    logs = "".join((job / "train.log").read_text() for job in sweep.glob("[0-9]*"))
+    assert logs.count("teacher cache miss") == 1 and logs.count("teacher cache hit") == 3
+    for name in ("summary.csv", "summary.md", "accuracy_vs_params.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    students = [row for row in rows if row["role"] == "student"]
+    assert {row["setting"] for row in students} == {"distill=none", "distill=kd"}
+    assert all(row["n_seeds"] == "2" for row in students)
+    assert any(row["role"] == "teacher" for row in rows)
+
+
+def _obtain(out: str, cache: str, marker: str) -> str:
+    cfg = compose_cfg(FAST, Path(out), Path(cache))
+
+    def slow_train(model, staging):
+        with open(marker, "a") as handle:
+            handle.write("trained\n")
+        time.sleep(1.0)  # the other job arrives while this one trains
+        return {"val": {"acc": 1.0}}
+
+    return teachers.obtain(cfg, build=lambda: torch.nn.Linear(64, 10), train=slow_train).cache
+
+
+def test_two_jobs_missing_the_same_teacher_train_it_once(tmp_path):
+    marker = tmp_path / "trained.txt"
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        caches = pool.starmap(_obtain, [(str(tmp_path / f"job{i}"), str(tmp_path / "cache"), str(marker))
+                                        for i in range(2)])
+    assert sorted(caches) == ["hit", "miss"]
+    assert marker.read_text().count("trained") == 1
