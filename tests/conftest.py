@@ -46,13 +46,15 @@ def compose_cfg(overrides: list[str], out: Path, cache: Path | None = None) -> D
 @pytest.fixture
 def make_cfg(tmp_path: Path):
     def make(*overrides: str, fast: bool = True, out: Path | None = None, cache: Path | None = None) -> DictConfig:
-        return compose_cfg((FAST if fast else []) + list(overrides), out or tmp_path / "run", cache or tmp_path / "cache")
+        chosen = (FAST if fast else []) + list(overrides)
+        return compose_cfg(chosen, out or tmp_path / "run", cache or tmp_path / "cache")
 
     yield make
     GlobalHydra.instance().clear()
 
 
-def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess, as a user would type it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run(

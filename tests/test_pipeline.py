@@ -105,7 +105,7 @@ def test_in_a_sweep_a_failure_is_recorded_and_the_run_returns(make_cfg, tmp_path
 def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, tmp_path):
     cold = pipeline.run(make_cfg("seed=3", out=tmp_path / "cold"))
     warm = pipeline.run(make_cfg("seed=3", out=tmp_path / "warm"))
-    other = pipeline.run(make_cfg("seed=4", out=tmp_path / "other"))
+    pipeline.run(make_cfg("seed=4", out=tmp_path / "other"))
     assert (cold["teacher"]["cache"], warm["teacher"]["cache"]) == ("miss", "hit")
     assert cold["student"]["test"] == warm["student"]["test"]
     a = torch.load(tmp_path / "cold" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]

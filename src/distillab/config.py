@@ -9,11 +9,12 @@ the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -51,7 +52,7 @@ class InMemoryDataSchema:
 @dataclass
 class SyntheticDataSchema(InMemoryDataSchema):
     _target_: str = "distillab.data.SyntheticDataModule"
-    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     num_classes: int = 10
     num_samples: int = 1000
     noise: float = 1.0
@@ -64,6 +65,27 @@ class SyntheticDataSchema(InMemoryDataSchema):
         _require(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
         _require(self.num_samples >= 10 * self.num_classes, "num_samples", self.num_samples,
                  f"at least 10 per class (>= {10 * self.num_classes})")
+
+
+@dataclass
+class VisionDataSchema:
+    """torchvision datasets (MNIST family, CIFAR): official test set, validation carved from train."""
+
+    _target_: str = "distillab.data.vision.CIFAR10DataModule"
+    root: str = "data"
+    download: bool = True
+    augment: bool = False
+    max_shift: int = 2
+    val_size: int = 5000
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.val_size >= 1, "val_size", self.val_size, "an integer >= 1 (samples taken from the training set)")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _require(0 <= self.max_shift <= 8, "max_shift", self.max_shift, "pixels in [0, 8]")
 
 
 # -- distillation -----------------------------------------------------------------------------
@@ -79,7 +101,8 @@ class KDSchema:
     temperature: float = 2.0
 
     def __post_init__(self) -> None:
-        _require(0 <= self.lam <= 1, "lam", self.lam, "a weight in [0, 1] (0 = cross-entropy only, 1 = soft targets only)")
+        _require(0 <= self.lam <= 1, "lam", self.lam,
+                 "a weight in [0, 1] (0 = cross-entropy only, 1 = soft targets only)")
         _require(self.temperature > 0, "temperature", self.temperature, "a temperature > 0")
 
 
@@ -121,26 +144,26 @@ class TrainerSchema:
     precision: Any = "32-true"
     sync_batchnorm: bool = False
     max_epochs: int = 100
-    min_epochs: Optional[int] = None
+    min_epochs: int | None = None
     max_steps: int = -1
-    max_time: Optional[str] = None
+    max_time: str | None = None
     limit_train_batches: Any = None
     limit_val_batches: Any = None
-    check_val_every_n_epoch: Optional[int] = 1
+    check_val_every_n_epoch: int | None = 1
     val_check_interval: Any = None
     log_every_n_steps: int = 50
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
     num_sanity_val_steps: int = 0
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
-    gradient_clip_algorithm: Optional[str] = None
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
     deterministic: Any = False
-    benchmark: Optional[bool] = None
+    benchmark: bool | None = None
     detect_anomaly: bool = False
     fast_dev_run: Any = False
     inference_mode: bool = True
-    profiler: Optional[str] = None
+    profiler: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -153,7 +176,7 @@ class TrainerSchema:
 
 
 SCHEMAS = {
-    "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema},
+    "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema, "vision": VisionDataSchema},
     "distill": {"none": NoDistillSchema, "kd": KDSchema},
     "compress": {"none": NoCompressSchema},
     "teacher": {"recipe": TeacherRecipeSchema},
@@ -192,8 +215,20 @@ def validate(cfg: DictConfig) -> None:
                 + ", ".join(k for k in allowed if not k.startswith("_"))
             )
         try:
-            OmegaConf.to_object(node)
+            schema(**_concrete_values(node, allowed))
         except ConfigError as error:
             raise ConfigError(f"{path}.{error}") from None
-        except OmegaConfBaseException as error:
+        except (OmegaConfBaseException, TypeError) as error:
             raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None
+
+
+def _concrete_values(node: DictConfig, names: list[str]) -> dict[str, Any]:
+    """The node's values that are set and not interpolations: ``${paths.data_dir}`` is only
+    known inside a Hydra job, and the checks must run before one starts."""
+    values = {}
+    for name in names:
+        if name not in node or OmegaConf.is_missing(node, name) or OmegaConf.is_interpolation(node, name):
+            continue
+        child = node._get_node(name)
+        values[name] = OmegaConf.to_container(child, resolve=False) if isinstance(child, Container) else child._value()
+    return values

@@ -50,7 +50,7 @@ def _role_kwargs(target: str, role: str, cfg: DictConfig, sweep_group: str | Non
 def build(cfg: DictConfig, role: str, sweep_group: str | None = None) -> list[Logger]:
     """Instantiate every configured logger for ``role`` ('teacher' or 'student')."""
     loggers = []
-    for key, conf in (cfg.get("logger") or {}).items():
+    for conf in (cfg.get("logger") or {}).values():
         if conf is None or "_target_" not in conf:
             continue
         kwargs = _role_kwargs(str(conf._target_), role, cfg, sweep_group)

@@ -7,8 +7,10 @@ sliced from preloaded tensors instead: one index op per batch, no workers.
 
 from __future__ import annotations
 
+import abc
 import logging
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -69,7 +71,7 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
-class InMemoryDataModule(pl.LightningDataModule):
+class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     """Base class: a subclass implements ``load_arrays()`` returning all features and labels;
     this class makes the fixed-seed stratified train/val/test split and serves batches.
 
@@ -95,8 +97,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.shuffle_seed = 0
 
+    @abc.abstractmethod
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError(f"{type(self).__name__} must implement load_arrays()")
+        """All features (N, C, H, W) or (N, D) and integer labels (N,) of the dataset."""
 
     @property
     def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -105,29 +108,46 @@ class InMemoryDataModule(pl.LightningDataModule):
         return self._splits
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+        if not self._splits:
+            self._splits = self.make_splits()
+
+    def make_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Stratified train/val/test split of ``load_arrays()``, normalised with statistics of
+        the training split only, so nothing leaks from val/test. Datasets with an official
+        test set override this and carve only the validation split from their training set."""
         x, y = self.load_arrays()
         index = np.arange(len(y))
         holdout = self.val_fraction + self.test_fraction
-        train_idx, rest_idx = train_test_split(
-            index, test_size=holdout, stratify=y, random_state=self.split_seed
-        )
+        train_idx, rest_idx = train_test_split(index, test_size=holdout, stratify=y, random_state=self.split_seed)
         val_idx, test_idx = train_test_split(
-            rest_idx,
-            test_size=self.test_fraction / holdout,
-            stratify=y[rest_idx],
-            random_state=self.split_seed,
+            rest_idx, test_size=self.test_fraction / holdout, stratify=y[rest_idx], random_state=self.split_seed
         )
         x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y, dtype=torch.long)
         if self.normalize:
-            # statistics from the training split only, so nothing leaks from val/test
             mean, std = x[train_idx].mean(), x[train_idx].std().clamp_min(1e-8)
             x = (x - mean) / std
+        splits = {}
         for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             idx = torch.as_tensor(np.sort(idx))
-            self._splits[name] = (x[idx].contiguous(), y[idx].contiguous())
+            splits[name] = (x[idx].contiguous(), y[idx].contiguous())
+        return splits
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Random augmentation of a training batch, on its device (none by default)."""
+        return x
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self.augments:
+            x, *rest = batch
+            return (self.augment(x), *rest)
+        return batch
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are randomly transformed (then inputs are not deterministic)."""
+        return type(self).augment is not InMemoryDataModule.augment
 
     @property
     def input_shape(self) -> tuple[int, ...]:
