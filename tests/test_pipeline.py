@@ -70,7 +70,7 @@ def test_a_killed_teacher_training_leaves_nothing_trusted(make_cfg, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        teachers.obtain(cfg, build=lambda: torch.nn.Linear(64, 10), train=crash)
+        teachers.obtain(cfg, torch.nn.Linear(64, 10), train=crash)
     cache = Path(cfg.paths.cache_dir)
     assert not teachers.is_complete(teachers.cache_folder(cfg))
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
@@ -78,9 +78,8 @@ def test_a_killed_teacher_training_leaves_nothing_trusted(make_cfg, tmp_path):
 
 def test_teacher_from_a_state_dict_file(make_cfg, tmp_path):
     cfg = make_cfg()
-    model = pipeline.build_model("teacher", cfg.teacher, pipeline.prepare(cfg).data)
     path = tmp_path / "teacher.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(pipeline.prepare(cfg).teacher.state_dict(), path)
     record = pipeline.run(make_cfg(f"teacher.ckpt_path={path}", out=tmp_path / "file"))
     assert record["teacher"]["cache"] == "file"
     assert not Path(cfg.paths.cache_dir).exists()
@@ -113,3 +112,14 @@ def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, 
     c = torch.load(tmp_path / "other" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path):
+    from tests.conftest import FAST, run_train
+
+    result = run_train([*FAST, "optim.optimizer.lr=1e30", "distill=none", "data.normalize=false",
+                        f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "FloatingPointError" in result.stderr and "Traceback" not in result.stderr
+    assert results.read(tmp_path / "run")["status"] == "failed"

@@ -41,7 +41,7 @@ def _obtain(out: str, cache: str, marker: str) -> str:
         time.sleep(1.0)  # the other job arrives while this one trains
         return {"val": {"acc": 1.0}}
 
-    return teachers.obtain(cfg, build=lambda: torch.nn.Linear(64, 10), train=slow_train).cache
+    return teachers.obtain(cfg, torch.nn.Linear(64, 10), train=slow_train).cache
 
 
 def test_two_jobs_missing_the_same_teacher_train_it_once(tmp_path):

@@ -8,9 +8,10 @@ allowed, with exit code 2 and nothing written.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -20,6 +21,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from distillab import pipeline
 from distillab.config import ConfigError, validate
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -104,15 +106,39 @@ def check(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = 
             raise ConfigError(explain(error, variant)) from None
 
 
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job: run it, and turn its failure into one line and an exit code.
+
+    Bad input exits with 2 (nothing written); a failed run with 1, after its results.json
+    recorded the error. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Returns the
+    student's validation accuracy, the objective a Hydra sweeper maximises.
+    """
+    try:
+        record = pipeline.run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:  # noqa: BLE001 - the run already recorded it in results.json
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = " ".join(str(error).split())
+        print(f"error: run failed: {type(error).__name__}: {message} "
+              "(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+    return record.get("student", {}).get("val", {}).get("acc")
+
+
 def check_command_line(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if any(getattr(args, name, None) for name in _NO_CHECK):
         return
-    config_dir = Path(args.config_dir) if args.config_dir else CONF_DIR
     config_name = args.config_name or "train"
-    hydra_only = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    if args.config_dir:
+        # Hydra's --config-dir adds a folder to the search path; conf/ stays the primary one
+        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     try:
-        check(hydra_only, config_dir, config_name)
+        check(overrides, CONF_DIR, config_name)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ import copy
 import io
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

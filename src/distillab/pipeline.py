@@ -50,6 +50,7 @@ class Parts:
 
     data: InMemoryDataModule
     student: nn.Module
+    teacher: nn.Module  # untrained: the cache or training fills it
     loss: nn.Module
     out: Path
 
@@ -93,17 +94,15 @@ def prepare(cfg: DictConfig) -> Parts:
     data.shuffle_seed = int(cfg.seed)
     log.info("data %s", data.describe())
     student = build_model("student", cfg.student, data)
-    build_model("teacher", cfg.teacher, data)  # checks the teacher's options before training
+    teacher = build_model("teacher", cfg.teacher, data)
     loss = _build("distill", cfg.distill)
-    return Parts(data, student, loss, Path(cfg.paths.output_dir))
+    return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
 
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     data, student, loss, out = parts.data, parts.student, parts.loss, parts.out
     teacher = teachers.obtain(
-        cfg,
-        build=lambda: build_model("teacher", cfg.teacher, data),
-        train=lambda model, staging: train_teacher(cfg, model, data, staging),
+        cfg, parts.teacher, train=lambda model, staging: train_teacher(cfg, model, data, staging)
     )
 
     # training a teacher (cache miss) consumed random numbers; a hit did not
@@ -159,7 +158,9 @@ def build_model(role: str, node: DictConfig, data: InMemoryDataModule) -> nn.Mod
 
 
 def _scheduler(optim: DictConfig) -> Any:
-    return instantiate(optim.scheduler) if optim.get("scheduler") else None
+    """The scheduler factory of an ``optim`` node; ``optim/scheduler=none`` has no target."""
+    node = optim.get("scheduler")
+    return instantiate(node) if node is not None and node.get("_target_") else None
 
 
 def make_trainer(cfg: DictConfig, run_loggers: list, checkpoint_dir: Path, max_epochs: int) -> pl.Trainer:

@@ -15,9 +15,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -79,18 +80,12 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def obtain(
-    cfg: DictConfig,
-    build: Callable[[], nn.Module],
-    train: Callable[[nn.Module, Path], dict[str, Any]],
-) -> Teacher:
-    """Return the teacher of ``cfg``: from ``teacher.ckpt_path``, from the cache, or trained.
-
-    ``build()`` makes a fresh teacher model; ``train(model, staging_dir)`` fits it (writing
-    logs or checkpoints into ``staging_dir`` if it likes) and returns its metrics.
+def obtain(cfg: DictConfig, model: nn.Module, train: Callable[[nn.Module, Path], dict[str, Any]]) -> Teacher:
+    """Fill ``model`` (a fresh teacher of ``cfg``) from ``teacher.ckpt_path``, from the cache,
+    or by ``train(model, staging_dir)``, which fits it (writing logs or checkpoints into
+    ``staging_dir`` if it likes) and returns its metrics.
     """
     start = time.perf_counter()
-    model = build()
     if cfg.teacher.get("ckpt_path"):
         path = Path(cfg.teacher.ckpt_path)
         if not path.is_file():
