@@ -28,7 +28,7 @@ from distillab.data.vision import (
     stratified_subset,
 )
 from tests.conftest import ROOT, run_train
-from tests.fixtures_vision import BORDER, WRITERS, trust_cifar_fixtures
+from tests.fixtures_vision import BORDER, WRITERS, trust_cifar_fixtures, write_mnist
 
 MODULES = {
     "mnist": MNISTDataModule,
@@ -360,8 +360,9 @@ def test_bring_your_own_datamodule_example(tmp_path):
     run_dir = tmp_path / "run"
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(example)])}
     # run from another folder: nothing may depend on the working directory
-    result = run_train(["--config-dir", str(example / "conf"), "data=my_data", "trainer.max_epochs=1", "teacher.recipe.max_epochs=1", "teacher.width=8",
-                        "teacher.blocks=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+    result = run_train(["--config-dir", str(example / "conf"), "data=my_data", "trainer.max_epochs=1",
+                        "teacher.recipe.max_epochs=1", "teacher.width=8", "teacher.blocks=1",
+                        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
                         f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())
@@ -370,3 +371,15 @@ def test_bring_your_own_datamodule_example(tmp_path):
     assert record["student"]["params"] == 144 * 32 + 32 + 32 * 4 + 4
     assert "--config-dir examples/my_datamodule/conf data=my_data" in (example / "README.md").read_text()
     assert Path(example / "conf" / "data" / "my_data.yaml").is_file()
+
+
+def test_a_teacher_recipe_can_switch_augmentation_for_its_own_training(tmp_path):
+    root = tmp_path / "root"
+    write_mnist(root)
+    data = MNISTDataModule(root, augment=False)
+    assert not data.augments
+    with data.augmentation(True):
+        assert data.augments
+    assert not data.augments
+    with data.augmentation(None):
+        assert not data.augments

@@ -121,6 +121,8 @@ class TeacherRecipeSchema:
     max_epochs: int = 40
     seed: int = 0
     optim: Any = None
+    # training-batch augmentation for the teacher only; null: as the data config says
+    augment: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")

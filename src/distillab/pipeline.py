@@ -212,7 +212,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, s
     )
     run_loggers = loggers.build(cfg, "teacher", _sweep_group())
     trainer = make_trainer(cfg, run_loggers, staging / "checkpoints", recipe.max_epochs)
-    trainer.fit(module, datamodule=data)
+    with data.augmentation(recipe.get("augment")):
+        trainer.fit(module, datamodule=data)
     best_epoch = restore_best(module, trainer)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     val_preds, val_targets = predict(model, data.val_dataloader(), module.device)

@@ -46,7 +46,11 @@ class Teacher:
 
 
 def arch_name(model_cfg: DictConfig) -> str:
-    return str(model_cfg.get("_target_", "model")).rsplit(".", 1)[-1].lower()
+    """``resnet20``, ``cnn``; library models by their name: ``torchvision:resnet18``."""
+    builder = str(model_cfg.get("_target_", "model")).rsplit(".", 1)[-1].lower()
+    if model_cfg.get("name"):
+        return f"{builder.removesuffix('_model')}:{model_cfg.name}"
+    return builder
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -69,7 +73,8 @@ def cache_key(cfg: DictConfig) -> str:
 
 def cache_folder(cfg: DictConfig) -> Path:
     dataset = str(cfg.data._target_).rsplit(".", 1)[-1].replace("DataModule", "").lower()
-    return Path(cfg.paths.cache_dir) / f"{arch_name(cfg.teacher)}-{dataset}-{cache_key(cfg)}"
+    arch = arch_name(cfg.teacher).replace(":", "_")
+    return Path(cfg.paths.cache_dir) / f"{arch}-{dataset}-{cache_key(cfg)}"
 
 
 def is_complete(folder: Path) -> bool:

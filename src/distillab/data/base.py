@@ -8,6 +8,7 @@ sliced from preloaded tensors instead: one index op per batch, no workers.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,7 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         self.split_seed, self.normalize = split_seed, normalize
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.shuffle_seed = 0
+        self.use_augment = True  # datasets with an `augment` option set it from there
 
     @abc.abstractmethod
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +149,19 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     @property
     def augments(self) -> bool:
         """Whether training batches are randomly transformed (then inputs are not deterministic)."""
-        return type(self).augment is not InMemoryDataModule.augment
+        return self.use_augment and type(self).augment is not InMemoryDataModule.augment
+
+    @contextlib.contextmanager
+    def augmentation(self, enabled: bool | None) -> Iterator[None]:
+        """Switch augmentation on or off for a while (None keeps the dataset's setting): a
+        teacher recipe may train on jittered inputs that the student never sees."""
+        saved = self.use_augment
+        if enabled is not None:
+            self.use_augment = bool(enabled)
+        try:
+            yield
+        finally:
+            self.use_augment = saved
 
     @property
     def input_shape(self) -> tuple[int, ...]:

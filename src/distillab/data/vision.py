@@ -248,7 +248,7 @@ class VisionDataModule(InMemoryDataModule):
     # -- augmentation -------------------------------------------------------------------------
     @property
     def augments(self) -> bool:
-        return self.use_augment and (self.max_shift > 0 or self.flips)
+        return super().augments and (self.max_shift > 0 or self.flips)
 
     def black(self) -> Tensor:
         """The normalised value of a black (0) pixel per channel: what padding fills in."""
