@@ -1,15 +1,18 @@
 """The teacher stays frozen and in eval mode through fit and validation, and stays out of the
-optimizer and the student's checkpoint."""
+optimizer and the student's checkpoint; per-epoch metrics, the NaN check, the cheaper training
+loop."""
 
+import os
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from distillab.data import SyntheticDataModule
 from distillab.distill.losses import KDLoss
-from distillab.distill.module import DistillationModule
+from distillab.distill.module import FINITE_CHECK_EVERY, DistillationModule
 
 
 class TeacherWatch(pl.Callback):
@@ -92,3 +95,105 @@ def test_teacher_follows_module_device_and_dtype():
     module = DistillationModule(nn.Linear(16, 4), teacher, KDLoss())
     module.double()
     assert all(p.dtype == torch.float64 for p in teacher.parameters())
+
+
+# -- per-epoch metrics, the NaN check and the speed-ups of the training loop ----------------------
+class RecordingLoss(nn.Module):
+    """KDLoss that records, per training step, its terms, the batch size, the number of correct
+    predictions and the NVML-check setting seen inside the optimizer step; ``nan_at`` makes the
+    loss of that step (counted from 0 over the whole fit) NaN."""
+
+    needs_teacher = True
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.inner = KDLoss(lam=0.5, temperature=2.0)
+        self.nan_at = nan_at
+        self.steps: list[dict] = []
+
+    def forward(self, logits, teacher_logits, targets):
+        terms = self.inner(logits, teacher_logits, targets)
+        if self.nan_at is not None and len(self.steps) == self.nan_at:
+            terms = {name: value * float("nan") for name, value in terms.items()}
+        self.steps.append({
+            **{name: float(value.detach()) for name, value in terms.items()},
+            "n": len(targets),
+            "correct": int((logits.argmax(dim=1) == targets).sum()),
+            "env": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
+        })
+        return terms
+
+
+def _data(**kwargs) -> SyntheticDataModule:
+    return SyntheticDataModule(input_shape=(1, 4, 4), num_classes=4, **kwargs)
+
+
+def _trainer(tmp_path: Path, epochs: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                      default_root_dir=tmp_path)
+
+
+def test_epoch_metrics_are_batch_size_weighted_means_of_the_steps(tmp_path):
+    # 140 training samples in batches of 32: the last batch has 12, so plain step means differ
+    data = _data(num_samples=200, batch_size=32, eval_batch_size=16)
+    loss = RecordingLoss()
+    torch.manual_seed(0)
+    module = DistillationModule(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), _teacher(), loss)
+    trainer = _trainer(tmp_path, epochs=2)
+    trainer.fit(module, datamodule=data)
+
+    steps_per_epoch = len(data.train_dataloader())
+    last = loss.steps[-steps_per_epoch:]
+    assert [s["n"] for s in last] == [32, 32, 32, 32, 12]
+    count = sum(s["n"] for s in last)
+    metrics = trainer.callback_metrics
+    for name in ("ce", "kd", "loss"):
+        expected = sum(s[name] * s["n"] for s in last) / count
+        assert float(metrics[f"train/{name}"]) == pytest.approx(expected, rel=1e-5), name
+    assert float(metrics["train/acc"]) == pytest.approx(sum(s["correct"] for s in last) / count, rel=1e-6)
+
+    # validation ran after the last step: the final weights give its metrics
+    x, y = data.splits["val"]
+    assert len(y) == 30  # two batches of 16 and 14
+    with torch.no_grad():
+        logits = module.student.eval()(x)
+    assert float(metrics["val/loss"]) == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert float(metrics["val/acc"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()), rel=1e-6)
+    assert {"train/ce", "train/kd", "train/loss", "train/acc", "val/loss", "val/acc"} <= set(metrics)
+
+
+@pytest.mark.parametrize("nan_at, steps_run", [(0, 1), (3, FINITE_CHECK_EVERY + 1)])
+def test_a_nan_loss_stops_the_fit_at_the_next_periodic_check(tmp_path, nan_at, steps_run):
+    # 140 steps an epoch: the NaN is found by the check every FINITE_CHECK_EVERY steps, before the
+    # end of the epoch; the process-wide NVML setting is put back although the fit raised
+    data = _data(num_samples=200, batch_size=1)
+    loss = RecordingLoss(nan_at=nan_at)
+    module = DistillationModule(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), _teacher(), loss)
+    before = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        _trainer(tmp_path, epochs=1).fit(module, datamodule=data)
+    assert len(loss.steps) == steps_run
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == before
+
+
+def test_optimizer_steps_skip_the_nvml_check_only_without_a_gpu(tmp_path):
+    # importing Lightning turned the check on for the process; it costs a library load per
+    # optimizer step where there is no GPU, so the module turns it off around its steps
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+    loss = RecordingLoss()
+    module = DistillationModule(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), _teacher(), loss)
+    _trainer(tmp_path, epochs=1).fit(module, datamodule=_data(num_samples=200, batch_size=32))
+    without_gpu = torch.backends.cuda.is_built() and not torch.cuda.is_available()
+    assert {s["env"] for s in loss.steps} == ({None} if without_gpu else {"1"})
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+
+
+def test_module_attributes_still_register_parameters_and_submodules():
+    module = DistillationModule(nn.Linear(16, 4), _teacher(), KDLoss())
+    module._current_fx_name = "training_step"
+    assert module._current_fx_name == "training_step"
+    module.head = nn.Linear(4, 2)
+    module.scale = nn.Parameter(torch.ones(1))
+    assert "head" in module._modules and "scale" in module._parameters
+    assert {"head.weight", "scale"} <= set(module.state_dict())

@@ -123,3 +123,13 @@ def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "FloatingPointError" in result.stderr and "Traceback" not in result.stderr
     assert results.read(tmp_path / "run")["status"] == "failed"
+
+
+def test_the_teacher_does_not_depend_on_the_run_seed(make_cfg, tmp_path):
+    a = pipeline.prepare(make_cfg("seed=0"))
+    b = pipeline.prepare(make_cfg("seed=1"))
+    c = pipeline.prepare(make_cfg("seed=0", "teacher.recipe.seed=1"))
+    first = next(iter(a.teacher.state_dict()))
+    assert torch.equal(a.teacher.state_dict()[first], b.teacher.state_dict()[first])
+    assert not torch.equal(a.teacher.state_dict()[first], c.teacher.state_dict()[first])
+    assert not torch.equal(a.student.state_dict()["features.1.weight"], b.student.state_dict()["features.1.weight"])

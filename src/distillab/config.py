@@ -177,12 +177,25 @@ class TrainerSchema:
                  "an integer >= 1")
 
 
+@dataclass
+class MeasureSchema:
+    threads: int | None = 1
+    warmup: int = 5
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        _require(self.threads is None or self.threads >= 1, "threads", self.threads, "an integer >= 1, or null")
+        _require(self.warmup >= 0, "warmup", self.warmup, "an integer >= 0")
+        _require(self.repeats >= 1, "repeats", self.repeats, "an integer >= 1")
+
+
 SCHEMAS = {
     "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema, "vision": VisionDataSchema},
     "distill": {"none": NoDistillSchema, "kd": KDSchema},
     "compress": {"none": NoCompressSchema},
     "teacher": {"recipe": TeacherRecipeSchema},
     "trainer": {"default": TrainerSchema},
+    "measure": {"default": MeasureSchema},
 }
 
 

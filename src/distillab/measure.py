@@ -76,15 +76,18 @@ def latency_ms(
     return 1000.0 * statistics.median(times)
 
 
-def profile(model: nn.Module, input_shape: Sequence[int], threads: int | None = 1) -> dict:
+def profile(
+    model: nn.Module, input_shape: Sequence[int], threads: int | None = 1, warmup: int = 5, repeats: int = 30
+) -> dict:
     """The measurement block of results.json for one model."""
+    timing = {"threads": threads, "warmup": warmup, "repeats": repeats}
     return {
         "params": params(model),
         "nonzero_params": nonzero_params(model),
         "size_bytes": size_bytes(model),
         "macs": macs(model, input_shape),
         "latency_ms": {
-            "batch_1": round(latency_ms(model, input_shape, 1, threads=threads), 4),
-            "batch_64": round(latency_ms(model, input_shape, 64, threads=threads), 4),
+            "batch_1": round(latency_ms(model, input_shape, 1, **timing), 4),
+            "batch_64": round(latency_ms(model, input_shape, 64, **timing), 4),
         },
     }

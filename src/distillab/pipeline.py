@@ -94,7 +94,11 @@ def prepare(cfg: DictConfig) -> Parts:
     data.shuffle_seed = int(cfg.seed)
     log.info("data %s", data.describe())
     student = build_model("student", cfg.student, data)
-    teacher = build_model("teacher", cfg.teacher, data)
+    # the teacher's initial weights depend on its own seed, never on the run's: the cache
+    # key leaves the run seed out, so whichever sweep job trains it must get the same teacher
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.teacher.recipe.seed))
+        teacher = build_model("teacher", cfg.teacher, data)
     loss = _build("distill", cfg.distill)
     return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
 
@@ -243,8 +247,9 @@ def assemble(
     teacher_test = classification_metrics(teacher_preds, targets, classes)
     student_test = classification_metrics(student_preds, targets, classes)
     student_test["agreement"] = agreement(student_preds, teacher_preds)
-    teacher_profile = measure.profile(teacher.model, data.input_shape)
-    student_profile = measure.profile(student, data.input_shape)
+    how = {"threads": cfg.measure.threads, "warmup": cfg.measure.warmup, "repeats": cfg.measure.repeats}
+    teacher_profile = measure.profile(teacher.model, data.input_shape, **how)
+    student_profile = measure.profile(student, data.input_shape, **how)
     overrides = _overrides()
     return {
         "status": "ok",

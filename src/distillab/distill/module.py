@@ -1,25 +1,83 @@
 """LightningModules: ``ClassifierModule`` trains one model on a loss; ``DistillationModule``
 adds a frozen teacher whose logits feed the distillation loss.
 
-Step losses and accuracy are summed on the device and logged once per epoch: a ``self.log``
-call per step costs about as much as a small student's whole step.
+Step losses and accuracy are kept on the device and logged once per epoch: a ``self.log``
+call per step costs about as much as a small student's whole step. The per-step work of the
+module is kept to a few tensor ops, so a small student trains at close to the speed of a
+plain PyTorch loop (``benchmarks/overhead.py`` measures it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler
 
 # how often (in steps) the running loss is checked for NaN/inf: each check is a device sync
 FINITE_CHECK_EVERY = 50
+
+# Importing Lightning sets this for the whole process, so that asking whether CUDA is available
+# never initialises CUDA. On a machine without a usable GPU each such question then tries to
+# load the NVML library again, and torch's optimizers ask once per ``step()``.
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+class _EpochTotals:
+    """One epoch's step values of one stage (train or val), kept on the device.
+
+    A step appends one stacked tensor of its loss terms and its count of correct predictions;
+    the batch-size-weighted means are computed once, at the end of the epoch.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.rows: list[Tensor] = []
+        self.correct: list[Tensor] = []
+        self.counts: list[int] = []
+        self.checked = 0  # rows already checked for NaN/inf
+
+    def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
+        if len(terms) != len(self.names) or list(terms) != self.names:
+            raise ValueError(f"the loss returned terms {list(terms)} after {self.names} earlier in the epoch")
+        with torch.no_grad():
+            self.rows.append(torch.stack(list(terms.values())))
+            self.correct.append((logits.argmax(dim=1) == y).sum())
+        self.counts.append(len(y))
+
+    def unchecked_sum(self, name: str) -> Tensor | None:
+        """The sum of ``name`` over the steps added since the last call."""
+        if self.checked == len(self.rows):
+            return None
+        rows, self.checked = self.rows[self.checked :], len(self.rows)
+        return torch.stack(rows)[:, self.names.index(name)].float().sum()
+
+    def means(self, stage: str) -> dict[str, Tensor]:
+        rows = torch.stack(self.rows).float()
+        weights = torch.tensor(self.counts, dtype=rows.dtype, device=rows.device)
+        count = sum(self.counts)
+        means = dict(zip((f"{stage}/{name}" for name in self.names), (weights @ rows / count).unbind()))
+        means[f"{stage}/acc"] = torch.stack(self.correct).sum().float() / count
+        return means
+
+
+@contextlib.contextmanager
+def _env_unset(name: str) -> Iterator[None]:
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
 
 
 class ClassifierModule(pl.LightningModule):
@@ -41,7 +99,18 @@ class ClassifierModule(pl.LightningModule):
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "val": {}}
+        self._totals: dict[str, _EpochTotals | None] = {"train": None, "val": None}
+        self._nvml_check_off = False
+        self._epoch_lr: float | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around every hook it calls, dozens of times a step;
+        # nn.Module.__setattr__ would check each time whether a string is a parameter,
+        # submodule or buffer, which it never is
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- the forward pass and the teacher (none here) ---------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -66,30 +135,34 @@ class ClassifierModule(pl.LightningModule):
 
     # -- per-epoch logging ------------------------------------------------------------------
     def _accumulate(self, stage: str, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
-        sums = self._sums[stage]
-        n = y.new_tensor(len(y), dtype=torch.float32)
-        values = {name: value.detach().float() * n for name, value in terms.items()}
-        values["acc"] = (logits.detach().argmax(dim=1) == y).sum().float()
-        values["count"] = n
-        for name, value in values.items():
-            sums[name] = sums[name] + value if name in sums else value
+        totals = self._totals[stage]
+        if totals is None:
+            totals = self._totals[stage] = _EpochTotals(list(terms))
+        totals.add(terms, logits, y)
 
     def _log_epoch(self, stage: str) -> dict[str, Tensor]:
-        sums, self._sums[stage] = self._sums[stage], {}
-        if not sums:
+        totals, self._totals[stage] = self._totals[stage], None
+        if totals is None:
             return {}
-        count = sums.pop("count")
-        means = {f"{stage}/{name}": value / count for name, value in sums.items()}
+        means = totals.means(stage)
         self.log_dict(means, prog_bar=stage == "val", sync_dist=True)
         return means
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx % FINITE_CHECK_EVERY == 0:
-            self._check_finite(self._sums["train"].get("loss"))
+        totals = self._totals["train"]
+        if batch_idx % FINITE_CHECK_EVERY == 0 and totals is not None:
+            self._check_finite(totals.unchecked_sum("loss"))
 
     def on_train_epoch_end(self) -> None:
         means = self._log_epoch("train")
         self._check_finite(means.get("train/loss"))
+        if self._epoch_lr is not None:
+            self.log("train/lr", self._epoch_lr)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning steps epoch schedules before on_train_epoch_end: keep the rate used now
+        optimizers = self.trainer.optimizers
+        self._epoch_lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -105,11 +178,27 @@ class ClassifierModule(pl.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def on_fit_start(self) -> None:
+        # Without a usable GPU the NVML-based check gives the same answer (none) as the plain
+        # one, at 50-250 µs a call instead of ~2 µs (5-10% of a digits student's step), and
+        # with no CUDA device there is nothing a CUDA query could initialise. With a GPU
+        # present the setting is left alone.
+        self._nvml_check_off = (
+            os.environ.get(_NVML_CHECK) == "1" and torch.backends.cuda.is_built() and not torch.cuda.is_available()
+        )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        if not self._nvml_check_off:
+            return super().optimizer_step(*args, **kwargs)
+        with _env_unset(_NVML_CHECK):
+            return super().optimizer_step(*args, **kwargs)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        # schedules know the length of the run they belong to (teacher and student differ)
+        scheduler = self.scheduler_factory(optimizer, max_epochs=int(self.trainer.max_epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
@@ -144,12 +233,12 @@ class DistillationModule(ClassifierModule):
         for parameter in self._teacher.parameters():
             parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "DistillationModule":
+    def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
         self._freeze_teacher()
         return self
 
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> DistillationModule:
         # .to(device) / .half() reach registered children only; keep the teacher alongside
         super()._apply(fn, *args, **kwargs)
         if self._teacher is not None:
