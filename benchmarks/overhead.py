@@ -35,14 +35,11 @@ digits pair on the last line. The exit status is 1 if a setup misses its target.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +59,7 @@ from tests.conftest import compose_cfg  # noqa: E402  (importing it registers th
 
 from distillab import pipeline  # noqa: E402
 from distillab.distill.losses import kd_loss  # noqa: E402
-from distillab.distill.module import DistillationModule  # noqa: E402
+from distillab.distill.module import DistillationModule, without_env  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
@@ -122,16 +119,6 @@ class EpochClock(pl.Callback):
 def _spans(marks: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     pairs = list(zip(marks, marks[1:]))
     return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
-
-
-@contextlib.contextmanager
-def without_env(name: str) -> Iterator[None]:
-    value = os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        if value is not None:
-            os.environ[name] = value
 
 
 # -- the two ways of training ----------------------------------------------------------------

@@ -133,3 +133,14 @@ def test_the_teacher_does_not_depend_on_the_run_seed(make_cfg, tmp_path):
     assert torch.equal(a.teacher.state_dict()[first], b.teacher.state_dict()[first])
     assert not torch.equal(a.teacher.state_dict()[first], c.teacher.state_dict()[first])
     assert not torch.equal(a.student.state_dict()["features.1.weight"], b.student.state_dict()["features.1.weight"])
+
+
+def test_teacher_only_augmentation_needs_a_datamodule_that_can_switch_it(make_cfg, monkeypatch):
+    from distillab.config import ConfigError
+    from distillab.data import DigitsDataModule
+
+    cfg = make_cfg("teacher.recipe.augment=true")
+    pipeline.prepare(cfg)  # digits (an InMemoryDataModule) has the switch
+    monkeypatch.delattr(DigitsDataModule.__mro__[1], "augmentation")
+    with pytest.raises(ConfigError, match="teacher.recipe.augment"):
+        pipeline.prepare(cfg)

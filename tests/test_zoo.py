@@ -20,32 +20,14 @@ from distillab import measure, pipeline, results, teachers, zoo
 from distillab.config import ConfigError
 from distillab.data.synthetic import SyntheticDataModule
 from distillab.models import hub, resnet8
+from distillab.zoo import PUBLISHED_PARAMS
 from tests.conftest import CONF, ROOT, compose_cfg
 
 ZOO = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAS_TIMM, reason='timm is not installed (optional: pip install -e ".[timm]")')
 
-# Parameter counts of the CIFAR-100 benchmark code (RepDistiller/CRD, mdistiller/DKD), 3×32×32, 100 classes.
-PUBLISHED = {
-    "resnet8": 83_892,
-    "resnet14": 181_108,
-    "resnet20": 278_324,
-    "resnet32": 472_756,
-    "resnet44": 667_188,
-    "resnet56": 861_620,
-    "resnet110": 1_736_564,
-    "resnet8x4": 1_233_540,
-    "resnet32x4": 7_433_860,
-    "wrn_16_1": 180_916,
-    "wrn_16_2": 703_284,
-    "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156,
-    "vgg8": 3_965_028,
-    "vgg11": 9_277_284,
-    "vgg13": 9_462_180,
-    "mobilenetv2": 812_836,
-}
+PUBLISHED = PUBLISHED_PARAMS  # the published counts, kept once in distillab.zoo
 
 
 def data(shape: tuple[int, ...], classes: int) -> SyntheticDataModule:

@@ -14,6 +14,7 @@ from distillab.models.cifar_resnet import CifarResNet
 from distillab.models.mobilenetv2 import MobileNetV2
 from distillab.models.vgg import VGG
 from distillab.models.wrn import WideResNet
+from distillab.zoo import PUBLISHED_PARAMS
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": cifar_resnet.resnet8,
@@ -37,27 +38,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": mobilenetv2.mobilenetv2,
 }
 
-# Parameter counts of the benchmark model code (Tian et al., ICLR 2020) for 3×32×32 inputs
-# and 100 classes. Every architecture here reproduces them exactly.
-BENCHMARK_PARAMS = {
-    "resnet8": 83_892,
-    "resnet14": 181_108,
-    "resnet20": 278_324,
-    "resnet32": 472_756,
-    "resnet44": 667_188,
-    "resnet56": 861_620,
-    "resnet110": 1_736_564,
-    "resnet8x4": 1_233_540,
-    "resnet32x4": 7_433_860,
-    "wrn_16_1": 180_916,
-    "wrn_16_2": 703_284,
-    "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156,
-    "vgg8": 3_965_028,
-    "vgg11": 9_277_284,
-    "vgg13": 9_462_180,
-    "mobilenetv2": 812_836,
-}
+BENCHMARK_PARAMS = PUBLISHED_PARAMS  # the published counts, kept once in distillab.zoo
 
 # Feature-hook paths, the first conv of the network, and the feature shapes (C, H, W) the
 # named modules produce on a 3×32×32 input.

@@ -7,6 +7,7 @@ with one line and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -93,6 +94,7 @@ def prepare(cfg: DictConfig) -> Parts:
     data.setup()
     data.shuffle_seed = int(cfg.seed)
     log.info("data %s", data.describe())
+    _teacher_augmentation(data, cfg.teacher.recipe.get("augment"))
     student = build_model("student", cfg.student, data)
     # the teacher's initial weights depend on its own seed, never on the run's: the cache
     # key leaves the run seed out, so whichever sweep job trains it must get the same teacher
@@ -216,7 +218,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, s
     )
     run_loggers = loggers.build(cfg, "teacher", _sweep_group())
     trainer = make_trainer(cfg, run_loggers, staging / "checkpoints", recipe.max_epochs)
-    with data.augmentation(recipe.get("augment")):
+    with _teacher_augmentation(data, recipe.get("augment")):
         trainer.fit(module, datamodule=data)
     best_epoch = restore_best(module, trainer)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
@@ -227,6 +229,16 @@ def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, s
     }
     loggers.finish(run_loggers, {"teacher/val_acc": metrics["val"]["acc"]})
     return metrics
+
+
+def _teacher_augmentation(data: Any, augment: bool | None) -> contextlib.AbstractContextManager:
+    """The teacher recipe's augmentation switch, checked in ``prepare`` before any training."""
+    if augment is None:
+        return contextlib.nullcontext()
+    if not hasattr(data, "augmentation"):
+        raise ConfigError(f"teacher.recipe.augment={augment} needs a datamodule with an augmentation() switch "
+                          f"(distillab.data.InMemoryDataModule); {type(data).__name__} has none: set it to null")
+    return data.augmentation(augment)
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class _EpochTotals:
 
 
 @contextlib.contextmanager
-def _env_unset(name: str) -> Iterator[None]:
+def without_env(name: str) -> Iterator[None]:
+    """Unset an environment variable for the duration of the block."""
     value = os.environ.pop(name, None)
     try:
         yield
@@ -190,7 +191,7 @@ class ClassifierModule(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         if not self._nvml_check_off:
             return super().optimizer_step(*args, **kwargs)
-        with _env_unset(_NVML_CHECK):
+        with without_env(_NVML_CHECK):
             return super().optimizer_step(*args, **kwargs)
 
     def configure_optimizers(self) -> Any:

@@ -21,16 +21,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+from distillab.models.init import init_conv_bn
 
 
 class BasicBlock(nn.Module):
@@ -110,7 +101,7 @@ class CifarResNet(nn.Module):
             self.stage_names.append(name)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, num_classes)
-        _init_weights(self)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from distillab.models.init import init_conv_bn
+
 #: ``(expansion t, output channels c, blocks n, first stride s)`` per stage.
 STAGE_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -123,12 +125,7 @@ class MobileNetV2(nn.Module):
         self.conv_last = _conv_bn_relu(c_in, self.last_channels, 1)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(self.last_channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_last(self.stages(self.stem(x)))

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from distillab.models.init import init_conv_bn
+
 #: Conv widths per stage for each depth (number of weight layers including the classifier).
 VGG_CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
     8: ((64,), (128,), (256,), (512,), (512,)),
@@ -69,13 +71,7 @@ class VGG(nn.Module):
                 self.add_module(f"pool{i}", pool)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool0(self.block0(x))

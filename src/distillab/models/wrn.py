@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from distillab.models.init import init_conv_bn
+
 
 class WideBasicBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv3×3 (stride), BN-ReLU-[dropout]-conv3×3, plus shortcut.
@@ -94,14 +96,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self, zero_linear_bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
