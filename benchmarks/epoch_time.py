@@ -11,7 +11,9 @@ validation, which is printed apart).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +58,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*|.*does not have many workers.*")
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     model = instantiate(model_cfg, input_shape=tuple(args.input_shape), num_classes=args.classes)
     # 90 % of the samples train, as the split below makes them

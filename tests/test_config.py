@@ -101,3 +101,13 @@ def test_validate_rejects_a_key_appended_to_a_schema(tmp_path):
 def test_interpolated_values_are_left_to_the_job(tmp_path):
     cfg = compose_cfg(["data=synthetic", "data.batch_size=${seed}"], tmp_path)
     validate(cfg)  # ${seed} is resolved inside the job, not by the up-front check
+
+
+def test_help_and_cfg_job_from_the_command_line(tmp_path):
+    help_out = run_train(["--help"], cwd=tmp_path)
+    assert help_out.returncode == 0 and "distill: kd, none" in help_out.stdout
+    assert "python train.py -m" in help_out.stdout
+    cfg_out = run_train(["--cfg", "job", "distill.lam=0.9", "student=cnn"], cwd=tmp_path)
+    assert cfg_out.returncode == 0
+    assert "lam: 0.9" in cfg_out.stdout and "_target_: distillab.models.CNN" in cfg_out.stdout
+    assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "outputs").exists()
