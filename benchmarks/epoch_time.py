@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
