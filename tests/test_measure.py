@@ -40,3 +40,16 @@ def test_profile_block_has_the_results_fields():
     assert set(block) == {"params", "nonzero_params", "size_bytes", "macs", "latency_ms"}
     assert set(block["latency_ms"]) == {"batch_1", "batch_64"}
     assert block["params"] == 10 and block["macs"] == pytest.approx(8)
+
+
+def test_quantized_weights_are_counted():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert list(quantized.parameters()) == []
+    assert measure.params(quantized) == measure.params(model) == 8 * 4 + 4 + 4 * 2 + 2
+    assert measure.nonzero_params(quantized) <= measure.params(quantized)
+    assert measure.size_bytes(quantized) < measure.size_bytes(model) + 2000

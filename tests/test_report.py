@@ -412,3 +412,14 @@ def test_rows_are_named_by_the_overrides_that_differ() -> None:
     groups = ["distill=kd trainer.max_epochs=5", "distill=none trainer.max_epochs=5"]
     assert report.shared_overrides(groups) == ["trainer.max_epochs=5"]
     assert report.shared_overrides(groups[:1]) == []
+
+
+def test_unstructured_pruning_rows_carry_the_dense_latency_note(tmp_path: Path) -> None:
+    write_job(tmp_path, "0", make_result("compress=prune_unstructured", 0, 0.9, compress="prune_unstructured",
+                                         compressed=model_block(0.9, 1000)))
+    write_job(tmp_path, "1", make_result("compress=none", 0, 0.9))
+    records = collect(tmp_path)
+    rows = summarize(records)
+    assert "dense latency does not change" in report.markdown_text(records, rows, "params", "t")
+    others = [row for row in rows if row["compress"] != "prune_unstructured"]
+    assert "dense latency" not in report.markdown_text(records, others, "params", "t")

@@ -29,10 +29,18 @@ def test_ok_record_must_be_complete_and_fractions(tmp_path):
     with pytest.raises(ValueError, match="misses"):
         results.write(tmp_path, {"status": "ok"})
     record = {key: {} for key in results.REQUIRED_OK}
-    record.update(status="ok", student={"test": {"acc": 97.0}})
+    record.update(status="ok", student={"test": {"acc": 97.0}}, ratios={})
     with pytest.raises(ValueError, match="fraction"):
         results.write(tmp_path, record)
     assert not (tmp_path / "results.json").exists()
+    # a compressed teacher without a student is complete; a student without ratios is not
+    record.update(student={"test": {"acc": 0.9}})
+    del record["ratios"]
+    with pytest.raises(ValueError, match="ratios"):
+        results.write(tmp_path, record)
+    del record["student"]
+    record["compressed"] = {"test": {"acc": 0.8}}
+    results.write(tmp_path, record)
 
 
 def test_group_drops_only_the_seed():

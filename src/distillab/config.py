@@ -107,12 +107,124 @@ class KDSchema:
 
 
 # -- compression ------------------------------------------------------------------------------
+TARGETS = ("student", "teacher")
+
+
 @dataclass
 class NoCompressSchema:
     method: str = "none"
+    # accepted so that one sweep can vary compress= and compress.amount together
+    amount: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.method == "none", "method", self.method, "'none' for this config")
+
+
+@dataclass
+class CompressSchema:
+    """Keys every compression method has; ``method``, ``target`` and ``finetune_epochs`` are
+    the pipeline's, the rest are options of the function named by ``_target_``."""
+
+    method: str = ""
+    _target_: str = ""
+    _partial_: bool = True
+    target: str = "student"
+    finetune_epochs: int = 0
+    amount: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.target in TARGETS, "target", self.target, f"one of {', '.join(TARGETS)}")
+        _require(self.finetune_epochs >= 0, "finetune_epochs", self.finetune_epochs, "an integer >= 0")
+        if self.amount is not None:
+            _require(0 < self.amount < 1, "amount", self.amount, "a fraction in (0, 1) of the weights to remove")
+
+
+@dataclass
+class PruneUnstructuredSchema(CompressSchema):
+    method: str = "prune_unstructured"
+    _target_: str = "distillab.compress.prune.unstructured"
+    amount: float | None = 0.5
+    scope: str = "global"
+    schedule: str = "oneshot"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.amount is not None, "amount", self.amount, "a fraction in (0, 1) of the weights to remove")
+        _require(self.scope in ("global", "layer"), "scope", self.scope, "global or layer")
+        _require(self.schedule in ("oneshot", "gradual"), "schedule", self.schedule, "oneshot or gradual")
+        _require(self.schedule == "oneshot" or self.finetune_epochs >= 1, "schedule", self.schedule,
+                 "gradual needs finetune_epochs >= 1 to spread the pruning over")
+
+
+@dataclass
+class PruneStructuredSchema(CompressSchema):
+    method: str = "prune_structured"
+    _target_: str = "distillab.compress.prune.structured"
+    amount: float | None = 0.5
+    target_params: int | None = None
+    target_macs: int | None = None
+    importance: str = "l1"
+    iterative_steps: int = 1
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        importances = ("l1", "l2", "bn_scale", "taylor")
+        _require(self.importance in importances, "importance", self.importance, f"one of {', '.join(importances)}")
+        _require(self.iterative_steps >= 1, "iterative_steps", self.iterative_steps, "an integer >= 1")
+        for key in ("target_params", "target_macs"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, key, value, "a positive count, or null")
+
+
+QUANT_ENGINES = ("x86", "fbgemm", "qnnpack")
+
+
+@dataclass
+class QuantDynamicSchema(CompressSchema):
+    method: str = "quant_dynamic"
+    _target_: str = "distillab.compress.quantize.dynamic"
+
+
+@dataclass
+class QuantStaticSchema(CompressSchema):
+    method: str = "quant_static"
+    _target_: str = "distillab.compress.quantize.static"
+    calibration_batches: int = 16
+    per_channel: bool = True
+    engine: str = "x86"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches, "an integer >= 1")
+        _require(self.engine in QUANT_ENGINES, "engine", self.engine, f"one of {', '.join(QUANT_ENGINES)}")
+
+
+@dataclass
+class QATSchema(QuantStaticSchema):
+    method: str = "qat"
+    _target_: str = "distillab.compress.quantize.qat"
+    finetune_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.finetune_epochs >= 1, "finetune_epochs", self.finetune_epochs,
+                 "an integer >= 1: quantization-aware training needs epochs")
+
+
+@dataclass
+class ChainSchema:
+    """Several methods in order (``compress=prune_structured+quant_static``)."""
+
+    method: str = ""
+    target: str = "student"
+    finetune_epochs: int = 0
+    amount: float | None = None
+    steps: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        CompressSchema(target=self.target, finetune_epochs=self.finetune_epochs, amount=self.amount)
+        _require(len(self.steps) >= 2, "steps", self.steps, "a list of at least two method configs")
 
 
 # -- teacher recipe ---------------------------------------------------------------------------
@@ -192,7 +304,9 @@ class MeasureSchema:
 SCHEMAS = {
     "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema, "vision": VisionDataSchema},
     "distill": {"none": NoDistillSchema, "kd": KDSchema},
-    "compress": {"none": NoCompressSchema},
+    "compress": {"none": NoCompressSchema, "prune_unstructured": PruneUnstructuredSchema,
+                 "prune_structured": PruneStructuredSchema, "quant_dynamic": QuantDynamicSchema,
+                 "quant_static": QuantStaticSchema, "qat": QATSchema, "chain": ChainSchema},
     "teacher": {"recipe": TeacherRecipeSchema},
     "trainer": {"default": TrainerSchema},
     "measure": {"default": MeasureSchema},

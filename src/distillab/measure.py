@@ -14,13 +14,30 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter tensor, including the packed weights and biases of quantized layers,
+    which are not ``nn.Parameter``s (their integer values for quantized ones)."""
+    tensors = [p.detach() for p in model.parameters()]
+    for module in model.modules():
+        if _is_quantized(module):
+            weight, bias = module.weight(), module.bias() if callable(getattr(module, "bias", None)) else None
+            tensors.append(weight.int_repr() if weight.is_quantized else weight.detach())
+            if bias is not None:
+                tensors.append(bias.detach())
+    return tensors
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return callable(getattr(module, "weight", None)) and type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
 def params(model: nn.Module) -> int:
-    """Number of parameter elements (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameter elements (shared tensors counted once; int8 weights counted too)."""
+    return sum(t.numel() for t in weights(model))
 
 
 def nonzero_params(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    return sum(int(torch.count_nonzero(t)) for t in weights(model))
 
 
 def size_bytes(model: nn.Module) -> int:

@@ -8,11 +8,14 @@ with one line and leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import os
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch import nn
+from torch import Tensor, nn
 
-from distillab import loggers, measure, results, teachers
+from distillab import compress, loggers, measure, results, teachers
 from distillab.config import ConfigError, validate
 from distillab.data.base import InMemoryDataModule
 from distillab.distill.losses import CrossEntropy
@@ -110,37 +113,109 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     teacher = teachers.obtain(
         cfg, parts.teacher, train=lambda model, staging: train_teacher(cfg, model, data, staging)
     )
+    timing = {"teacher": teacher.seconds, "student": 0.0, "compress": 0.0}
+    run_loggers: list = []
+    best_epoch = None
+    # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
+    if compress_target(cfg) != "teacher":
+        # training a teacher (cache miss) consumed random numbers; a hit did not
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        tick = time.perf_counter()
+        module = DistillationModule(
+            student,
+            teacher.model if loss.needs_teacher else None,
+            loss,
+            optimizer=instantiate(cfg.optim.optimizer),
+            scheduler=_scheduler(cfg.optim),
+        )
+        run_loggers = loggers.build(cfg, "student", _sweep_group())
+        trainer = make_trainer(cfg, run_loggers, out / "checkpoints", cfg.trainer.max_epochs)
+        trainer.fit(module, datamodule=data)
+        best_epoch = restore_best(module, trainer)
+        timing["student"] = time.perf_counter() - tick
 
-    # training a teacher (cache miss) consumed random numbers; a hit did not
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    student_start = time.perf_counter()
-    module = DistillationModule(
-        student,
-        teacher.model if loss.needs_teacher else None,
-        loss,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=_scheduler(cfg.optim),
-    )
-    run_loggers = loggers.build(cfg, "student", _sweep_group())
-    trainer = make_trainer(cfg, run_loggers, out / "checkpoints", cfg.trainer.max_epochs)
-    trainer.fit(module, datamodule=data)
-    best_epoch = restore_best(module, trainer)
-    student_seconds = time.perf_counter() - student_start
+    compressed = None
+    if compress_target(cfg) is not None:
+        tick = time.perf_counter()
+        uncompressed = student if compress_target(cfg) == "student" else teacher.model
+        compressed = compress_model(cfg, data, uncompressed, out)
+        timing["compress"] = time.perf_counter() - tick
 
-    device = trainer.strategy.root_device
-    record = assemble(cfg, data, teacher, student, best_epoch, loss.method, device)
-    record["timing_s"] = {
-        "teacher": round(teacher.seconds, 3),
-        "student": round(student_seconds, 3),
-        "compress": 0.0,
-        "total": round(time.perf_counter() - start, 3),
-    }
+    record = assemble(cfg, data, teacher, student if best_epoch is not None else None, best_epoch, loss.method,
+                      compressed)
+    record["timing_s"] = {**{k: round(v, 3) for k, v in timing.items()},
+                          "total": round(time.perf_counter() - start, 3)}
     if _is_rank_zero():
         path = results.write(out, record)
         log.info("\n%s", summary_table(record))
         log.info("results written to %s", path)
     loggers.finish(run_loggers, _flatten(record))
     return record
+
+
+def compress_target(cfg: DictConfig) -> str | None:
+    """Which model step 6 compresses: ``student``, ``teacher``, or None for ``compress=none``."""
+    return None if cfg.compress.method == "none" else str(cfg.compress.target)
+
+
+@dataclass
+class CompressedRun:
+    result: compress.Compressed
+    float_model: nn.Module  # the last floating-point model of the chain (its MACs)
+    uncompressed: nn.Module
+    artifact: Path
+
+
+def compress_model(cfg: DictConfig, data: InMemoryDataModule, uncompressed: nn.Module, out: Path) -> CompressedRun:
+    """Step 6: apply ``cfg.compress`` to a CPU copy of ``uncompressed``, fine-tuning with the
+    run's distillation loss and the uncompressed model as teacher, and save the artifact."""
+    uncompressed = copy.deepcopy(uncompressed).cpu().eval()
+    epochs = int(cfg.compress.finetune_epochs)
+
+    def finetune(model: nn.Module, n_epochs: int, on_epoch_start: Callable[[int], None] | None = None) -> None:
+        finetune_with_teacher(cfg, data, model, uncompressed, n_epochs, on_epoch_start)
+
+    context = compress.Context(
+        input_shape=tuple(data.input_shape),
+        train_batches=data.train_dataloader,
+        finetune_epochs=epochs,
+        finetune=finetune if epochs > 0 else None,
+    )
+    log.info("compress: %s of the %s (fine-tune %d epochs)", cfg.compress.method, cfg.compress.target, epochs)
+    result, float_model = compress.apply(cfg.compress, uncompressed, context)
+    artifact = out / "compressed" / "model.pt"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    staging = artifact.with_name(f".{artifact.name}.tmp")
+    result.save(staging)
+    os.replace(staging, artifact)
+    return CompressedRun(result, float_model, uncompressed, artifact)
+
+
+def finetune_with_teacher(
+    cfg: DictConfig,
+    data: InMemoryDataModule,
+    model: nn.Module,
+    teacher: nn.Module,
+    epochs: int,
+    on_epoch_start: Callable[[int], None] | None = None,
+) -> None:
+    """Train ``model`` in place for ``epochs`` with the run's loss, ``teacher`` frozen; the last
+    epoch is the result (a pruning schedule changes the model from epoch to epoch)."""
+    loss = _build("distill", cfg.distill)
+    module = DistillationModule(model, copy.deepcopy(teacher) if loss.needs_teacher else None, loss,
+                                optimizer=instantiate(cfg.optim.optimizer))
+    hooks = [_EpochStart(on_epoch_start)] if on_epoch_start is not None else []
+    trainer = make_trainer(cfg, [], None, epochs, extra=hooks)
+    trainer.fit(module, datamodule=data)
+    model.cpu()
+
+
+class _EpochStart(pl.Callback):
+    def __init__(self, hook: Callable[[int], None]) -> None:
+        self.hook = hook
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.hook(trainer.current_epoch)
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -169,32 +244,37 @@ def _scheduler(optim: DictConfig) -> Any:
     return instantiate(node) if node is not None and node.get("_target_") else None
 
 
-def make_trainer(cfg: DictConfig, run_loggers: list, checkpoint_dir: Path, max_epochs: int) -> pl.Trainer:
-    """A Trainer from ``cfg.trainer`` that keeps the checkpoint with the best validation accuracy."""
+def make_trainer(
+    cfg: DictConfig, run_loggers: list, checkpoint_dir: Path | None, max_epochs: int, extra: list | None = None
+) -> pl.Trainer:
+    """A Trainer from ``cfg.trainer`` that keeps the checkpoint with the best validation
+    accuracy in ``checkpoint_dir`` (None: no checkpoint, the last epoch is the result)."""
     show_progress = bool(cfg.trainer.enable_progress_bar)
     callbacks = [
         instantiate(conf)
         for conf in (cfg.get("callbacks") or {}).values()
         if conf is not None and (show_progress or not conf._target_.endswith("ProgressBar"))
-    ]
-    # ties keep the earlier epoch; the file is written through a temporary file (fsspec)
-    callbacks.append(
-        ModelCheckpoint(
-            dirpath=checkpoint_dir,
-            filename="best",
-            monitor="val/acc",
-            mode="max",
-            save_top_k=1,
-            save_weights_only=True,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
+    ] + list(extra or [])
+    if checkpoint_dir is not None:
+        # ties keep the earlier epoch; the file is written through a temporary file (fsspec)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                filename="best",
+                monitor="val/acc",
+                mode="max",
+                save_top_k=1,
+                save_weights_only=True,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+            )
         )
-    )
     return instantiate(
         cfg.trainer,
         max_epochs=int(max_epochs),
         callbacks=callbacks,
         logger=run_loggers or False,
+        enable_checkpointing=checkpoint_dir is not None,
         default_root_dir=str(cfg.paths.output_dir),
         _convert_="all",
     )
@@ -246,55 +326,84 @@ def assemble(
     cfg: DictConfig,
     data: InMemoryDataModule,
     teacher: teachers.Teacher,
-    student: nn.Module,
-    best_epoch: int,
+    student: nn.Module | None,
+    best_epoch: int | None,
     method: str,
-    device: torch.device,
+    compressed: CompressedRun | None,
 ) -> dict[str, Any]:
-    """Evaluate teacher and student on the test split (once) and measure both."""
-    classes = data.num_classes
-    teacher_preds, targets = predict(teacher.model.to(device), data.test_dataloader(), device)
-    student_preds, _ = predict(student.to(device), data.test_dataloader(), device)
-    val_preds, val_targets = predict(student, data.val_dataloader(), device)
-    teacher_test = classification_metrics(teacher_preds, targets, classes)
-    student_test = classification_metrics(student_preds, targets, classes)
-    student_test["agreement"] = agreement(student_preds, teacher_preds)
+    """Evaluate every model on the test split (once, for the chosen checkpoints) and measure it."""
     how = {"threads": cfg.measure.threads, "warmup": cfg.measure.warmup, "repeats": cfg.measure.repeats}
-    teacher_profile = measure.profile(teacher.model, data.input_shape, **how)
-    student_profile = measure.profile(student, data.input_shape, **how)
+    device = next(teacher.model.parameters()).device if any(True for _ in teacher.model.parameters()) else "cpu"
+    teacher_preds, targets = predict(teacher.model, data.test_dataloader(), device)
+    teacher_test = classification_metrics(teacher_preds, targets, data.num_classes)
+    teacher_block = {
+        "arch": teachers.arch_name(cfg.teacher),
+        **measure.profile(teacher.model, data.input_shape, **how),
+        "cache": teacher.cache,
+        "cache_key": teacher.key,
+        "test": teacher_test,
+    }
     overrides = _overrides()
-    return {
+    record: dict[str, Any] = {
         "status": "ok",
         "config_hash": results.config_hash(cfg),
         "group": results.group_of(overrides),
         "overrides": overrides,
         "seed": int(cfg.seed),
         "dataset": data.name,
-        "method": method,
+        "method": method if student is not None else "none",
         "compress": str(cfg.compress.method),
-        "teacher": {
-            "arch": teachers.arch_name(cfg.teacher),
-            "params": teacher_profile["params"],
-            "size_bytes": teacher_profile["size_bytes"],
-            "macs": teacher_profile["macs"],
-            "latency_ms": teacher_profile["latency_ms"],
-            "cache": teacher.cache,
-            "cache_key": teacher.key,
-            "test": teacher_test,
-        },
-        "student": {
+        "teacher": teacher_block,
+    }
+    if student is not None:
+        record["student"] = {
             "arch": teachers.arch_name(cfg.student),
-            **student_profile,
+            **model_block(student, data, teacher_preds, how),
             "best_epoch": best_epoch,
-            "test": student_test,
-            "val": {"acc": classification_metrics(val_preds, val_targets, classes)["acc"]},
-        },
-        "ratios": {
-            "params": student_profile["params"] / teacher_profile["params"],
-            "size": student_profile["size_bytes"] / teacher_profile["size_bytes"],
-            "acc_retention": student_test["acc"] / max(teacher_test["acc"], 1e-12),
-        },
-        "env": results.environment(Path(cfg.paths.root_dir), str(device)),
+        }
+        record["ratios"] = ratios(record["student"], teacher_block)
+    if compressed is not None:
+        block = model_block(compressed.result.model, data, teacher_preds, how)
+        block["size_bytes"] = compressed.artifact.stat().st_size  # the saved artifact
+        if not block["macs"]:  # int8 kernels are invisible to the FLOP counter: same MACs in int8
+            block["macs"] = measure.macs(compressed.float_model, data.input_shape)
+        role = compress_target(cfg)
+        base = record.get(role) or teacher_block
+        record["compressed"] = {
+            "arch": teachers.arch_name(cfg.student if role == "student" else cfg.teacher),
+            "of": role,
+            "method": compressed.result.method,
+            "backend": compressed.result.backend,
+            **block,
+            "details": compressed.result.details,
+            "vs_uncompressed": ratios(block, base),
+            "vs_teacher": ratios(block, teacher_block),
+        }
+    record["env"] = results.environment(Path(cfg.paths.root_dir), str(device))
+    return record
+
+
+def model_block(model: nn.Module, data: InMemoryDataModule, teacher_preds: Tensor, how: dict) -> dict[str, Any]:
+    """Measurements and test/val metrics of one model; quantized models run on the CPU."""
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    preds, targets = predict(model, data.test_dataloader(), device)
+    val_preds, val_targets = predict(model, data.val_dataloader(), device)
+    test = classification_metrics(preds, targets, data.num_classes)
+    test["agreement"] = agreement(preds, teacher_preds)
+    return {
+        **measure.profile(model, data.input_shape, **how),
+        "test": test,
+        "val": {"acc": classification_metrics(val_preds, val_targets, data.num_classes)["acc"]},
+    }
+
+
+def ratios(block: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """``block`` relative to ``reference``: parameters, bytes, batch-64 latency, accuracy kept."""
+    return {
+        "params": block["params"] / max(reference["params"], 1),
+        "size": block["size_bytes"] / max(reference["size_bytes"], 1),
+        "latency_batch_64": block["latency_ms"]["batch_64"] / max(reference["latency_ms"]["batch_64"], 1e-9),
+        "acc_retention": block["test"]["acc"] / max(reference["test"]["acc"], 1e-12),
     }
 
 
@@ -311,19 +420,38 @@ def failure(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
 
 
 def summary_table(record: dict[str, Any]) -> str:
-    teacher, student, ratios = record["teacher"], record["student"], record["ratios"]
-    rows = [
-        ("", f"teacher ({teacher['arch']})", f"student ({student['arch']})"),
-        ("test accuracy", f"{teacher['test']['acc']:.4f}", f"{student['test']['acc']:.4f}"),
-        ("test macro F1", f"{teacher['test']['f1']:.4f}", f"{student['test']['f1']:.4f}"),
-        ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
-        ("size (bytes)", f"{teacher['size_bytes']:,}", f"{student['size_bytes']:,}"),
-        ("compression (params)", "", f"{1 / ratios['params']:.1f}x smaller"),
-        ("accuracy retention", "", f"{100 * ratios['acc_retention']:.1f} %"),
-        ("agreement with teacher", "", f"{100 * student['test']['agreement']:.1f} %"),
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows)
+    """Teacher, student and compressed model side by side; ratios are against the teacher."""
+    teacher = record["teacher"]
+    columns = [("teacher", teacher, None)]
+    if "student" in record:
+        columns.append(("student", record["student"], record["ratios"]))
+    if "compressed" in record:
+        block = record["compressed"]
+        columns.append((f"{block['method']}", block, block["vs_teacher"]))
+
+    def cell(block: dict, ratio: dict | None, key: str) -> str:
+        if key == "head":
+            return f"({block['arch']})"
+        if key in ("acc", "f1"):
+            return f"{block['test'][key]:.4f}"
+        if key in ("params", "size_bytes"):
+            return f"{block[key]:,}"
+        if ratio is None:
+            return ""
+        if key == "smaller":
+            return f"{1 / ratio['params']:.1f}x smaller"
+        if key == "retention":
+            return f"{100 * ratio['acc_retention']:.1f} %"
+        return f"{100 * block['test']['agreement']:.1f} %"
+
+    labels = [("head", ""), ("acc", "test accuracy"), ("f1", "test macro F1"), ("params", "parameters"),
+              ("size_bytes", "size (bytes)"), ("smaller", "compression (params)"),
+              ("retention", "accuracy retention"), ("agreement", "agreement with teacher")]
+    rows = [["", *(name for name, _, _ in columns)]]
+    rows += [[label or "", *(cell(block, ratio, key) for _, block, ratio in columns)] for key, label in labels]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
 
 
 # -- Hydra context ----------------------------------------------------------------------------

@@ -280,6 +280,10 @@ def markdown_text(records: list[dict[str, Any]], rows: list[dict[str, Any]], x: 
         if shared:
             lines += ["Overrides shared by every configuration: " + " ".join(f"`{o}`" for o in shared), ""]
         lines += _student_table(students)
+        if any("prune_unstructured" in str(row["compress"]) for row in students):
+            lines += ["", "Unstructured pruning zeroes weights but keeps every tensor dense: parameters and "
+                      "nonzero counts differ, and the dense latency does not change (the sparse size is in "
+                      "each job's `compressed.details`)."]
     else:
         lines.append("No completed jobs yet: nothing to summarize.")
     if teachers:

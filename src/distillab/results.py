@@ -26,7 +26,7 @@ from distillab.io import atomic_write_json
 FILENAME = "results.json"
 SCHEMA_VERSION = 1
 REQUIRED_OK = ("config_hash", "group", "overrides", "seed", "dataset", "method", "compress",
-               "teacher", "student", "ratios", "timing_s", "env")
+               "teacher", "timing_s", "env")
 # settings that change where and how a run is shown, not what it computes
 NOT_HASHED = ("paths", "logger", "callbacks")
 
@@ -78,6 +78,10 @@ def check(results: dict[str, Any]) -> None:
             raise ValueError("a failed result needs a one-line 'error'")
         return
     missing = [key for key in REQUIRED_OK if key not in results]
+    if "student" not in results and "compressed" not in results:
+        missing.append("student (or compressed, when the teacher is compressed)")
+    if "student" in results and "ratios" not in results:
+        missing.append("ratios")
     if missing:
         raise ValueError(f"results.json misses {', '.join(missing)}")
     for role in ("teacher", "student", "compressed"):

@@ -1,0 +1,99 @@
+"""Compression after distillation: step 6 of a run.
+
+A method is a function ``method(model, context, **options) -> Compressed`` that returns a new
+model (the input is left untouched), configured in ``conf/compress/`` by ``_target_`` with
+``_partial_: true``. ``method``, ``target`` and ``finetune_epochs`` in that config belong to
+the pipeline; everything else is the method's options. Methods are chained by listing
+``steps``; each step gets the previous step's model.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+
+@dataclass
+class Context:
+    """What a compression method may use besides the model.
+
+    ``train_batches()`` is a fresh pass over the training split as ``(x, y, index)`` CPU
+    tensors (for calibration). ``finetune(model, epochs, on_epoch_start=None)`` trains
+    ``model`` in place for ``epochs`` with the run's distillation loss and the uncompressed
+    model as teacher; ``on_epoch_start(epoch)`` is called before each epoch (a gradual
+    pruning schedule raises the sparsity there). It is None when ``finetune_epochs`` is 0.
+    """
+
+    input_shape: tuple[int, ...]
+    train_batches: Callable[[], Iterable[tuple[Tensor, Tensor, Tensor]]]
+    finetune_epochs: int = 0
+    finetune: Callable[..., None] | None = None
+
+
+@dataclass
+class Compressed:
+    """A compressed model and what is true of it.
+
+    ``model`` runs on the CPU (quantized kernels are CPU ones). ``backend`` names the library
+    and API that did the work. ``details`` holds method facts for results.json (amount,
+    sparsity, layer shapes, ...). ``save(path)`` writes the real deployable artifact, whose
+    size in bytes is what results.json reports; ``load(path)`` (a static function of the
+    method's module) reads it back.
+    """
+
+    model: nn.Module
+    method: str
+    backend: str
+    save: Callable[[Any], None]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# keys of a compress config that belong to the pipeline, not to the method function
+PIPELINE_KEYS = ("method", "target", "finetune_epochs", "amount", "steps")
+
+
+def methods(cfg: DictConfig) -> list[functools.partial]:
+    """The method functions of ``cfg`` (the ``compress`` node) in order, with their options:
+    the node itself, or its ``steps`` for a chain.
+
+    ``amount`` goes to a method only when it takes one (pruning), so one sweep can set
+    ``compress.amount`` for every method; a step's own ``amount`` wins over the chain's.
+    """
+    steps = list(cfg.steps) if cfg.get("steps") else [cfg]
+    found = []
+    for step in steps:
+        method = instantiate(OmegaConf.create({k: v for k, v in step.items() if k not in PIPELINE_KEYS}))
+        amount = step.get("amount") if step.get("amount") is not None else cfg.get("amount")
+        if amount is not None and "amount" in inspect.signature(method.func).parameters:
+            method = functools.partial(method, amount=amount)
+        found.append(method)
+    return found
+
+
+def apply(cfg: DictConfig, model: nn.Module, context: Context) -> tuple[Compressed, nn.Module]:
+    """Run the method(s) of ``cfg`` (the ``compress`` node) on ``model``.
+
+    Returns the final result and the last floating-point model of the chain (the input of a
+    quantization step), whose MACs the quantized model performs in int8.
+    """
+    float_model, result = model, None
+    for method in methods(cfg):
+        result = method(result.model if result is not None else model, context)
+        if not _is_quantized(result.model):
+            float_model = result.model
+    if result is None:
+        raise ValueError("compress: no method to apply")
+    if cfg.get("steps"):
+        result.method = str(cfg.method)
+    return result, float_model
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
