@@ -206,8 +206,9 @@ def finetune_with_teacher(
                                 optimizer=instantiate(cfg.optim.optimizer))
     hooks = [_EpochStart(on_epoch_start)] if on_epoch_start is not None else []
     trainer = make_trainer(cfg, [], None, epochs, extra=hooks)
+    module.train()  # Lightning keeps the mode it is given; the model arrives in eval mode
     trainer.fit(module, datamodule=data)
-    model.cpu()
+    model.cpu().eval()
 
 
 class _EpochStart(pl.Callback):

@@ -1,0 +1,515 @@
+"""Pruning: zero weights (unstructured) or remove whole channels (structured).
+
+``unstructured`` zeroes the smallest-magnitude weights of every Conv/Linear layer with
+``torch.nn.utils.prune``. Shapes stay the same, so a dense kernel runs exactly as fast as
+before; the gain is the size of a sparse artifact (``save``). ``structured`` removes output
+channels with torch-pruning, following the dependencies between layers (residual sums, BN,
+the next layer's inputs), so the result is a smaller dense model that is really faster.
+
+Both return a new model; the input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from distillab import measure
+from distillab.compress import Compressed, Context
+from distillab.config import ConfigError
+
+PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
+UNSTRUCTURED_FORMAT = "distillab.prune_unstructured/1"
+STRUCTURED_FORMAT = "distillab.prune_structured/1"
+SPARSE_ENCODING = (
+    "per pruned weight tensor: a bitmask of its nonzero positions (1 bit per element, packed into uint8, "
+    "row-major) plus the nonzero values in their own dtype (fp32), when that is smaller than the dense "
+    "tensor; every other tensor of the state_dict dense"
+)
+DENSE_LATENCY_NOTE = (
+    "shapes are unchanged and dense kernels multiply the zeros too, so latency and MACs are those of "
+    "the dense model; the gain is the size of the sparse artifact"
+)
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
+# the steps of a budget search: the channel ratio rises by 1/TARGET_STEPS of its maximum each step
+TARGET_STEPS = 50
+# training batches whose cross-entropy gradients feed the Taylor importance
+TAYLOR_BATCHES = 4
+# layers listed in details["out_channels"]
+SHOWN_LAYERS = 8
+# the int or tuple attributes that fix a module's shapes, saved so that a pruned model can be rebuilt
+SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                    "normalized_shape")
+
+
+# -- checks -----------------------------------------------------------------------------------
+def _check_amount(amount: Any, what: str) -> None:
+    if amount is None or isinstance(amount, bool) or not 0 < float(amount) < 1:
+        raise ConfigError(f"amount={amount!r} is not allowed: a fraction in (0, 1) of the {what} to remove")
+
+
+def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed: one of {', '.join(allowed)}")
+
+
+def _prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE)]
+
+
+# -- unstructured -----------------------------------------------------------------------------
+def unstructured(
+    model: nn.Module, context: Context, amount: float, scope: str = "global", schedule: str = "oneshot"
+) -> Compressed:
+    """Zero the fraction ``amount`` of the Conv/Linear weights with the smallest magnitude.
+
+    ``scope=global`` ranks all those weights together (layers that matter less lose more);
+    ``layer`` removes ``amount`` of each layer. Biases and BatchNorm are left alone: they are
+    few and pruning them saves nothing. ``oneshot`` prunes once, then fine-tunes with the
+    masks held; ``gradual`` raises the sparsity at the start of each fine-tuning epoch along
+    :func:`cubic_sparsity`, so the model adapts while weights disappear. The masks are made
+    permanent at the end: the result is a plain module whose weights contain zeros.
+    """
+    _check_amount(amount, "Conv/Linear weights")
+    _check_choice("scope", scope, ("global", "layer"))
+    _check_choice("schedule", schedule, ("oneshot", "gradual"))
+    if not _prunable_layers(model):
+        raise ConfigError(f"model={type(model).__name__} is not allowed: prune_unstructured needs a Conv or "
+                          "Linear layer")
+    if schedule == "gradual" and (context.finetune is None or context.finetune_epochs < 1):
+        raise ConfigError("schedule='gradual' is not allowed: it needs finetune_epochs >= 1 to spread the pruning over")
+
+    pruned = copy.deepcopy(model)
+    targets = [(module, "weight") for _, module in _prunable_layers(pruned)]
+    sparsities = _prune_and_finetune(pruned, targets, context, float(amount), scope, schedule)
+    _make_permanent(targets)
+
+    names = [f"{name}.weight" for name, _ in _prunable_layers(pruned)]
+    return Compressed(
+        model=pruned,
+        method="prune_unstructured",
+        backend="torch.nn.utils.prune",
+        save=lambda path: torch.save(_sparse_artifact(pruned, names), path),
+        details=_unstructured_details(pruned, names, amount, scope, schedule, sparsities),
+    )
+
+
+def _prune_and_finetune(model: nn.Module, targets: list[tuple[nn.Module, str]], context: Context, amount: float,
+                        scope: str, schedule: str) -> list[float]:
+    """Prune ``targets`` to ``amount`` along ``schedule``, fine-tuning with the masks held;
+    the sparsity of each fine-tuning epoch (just ``amount`` for oneshot)."""
+    if schedule == "oneshot":
+        _prune_to(targets, amount, scope)
+        if context.finetune is not None:
+            context.finetune(model, context.finetune_epochs)
+        return [amount]
+    epochs = context.finetune_epochs
+    sparsities = [cubic_sparsity(amount, epoch, epochs) for epoch in range(epochs)]
+
+    def on_epoch_start(epoch: int) -> None:
+        _prune_to(targets, sparsities[min(epoch, epochs - 1)], scope)
+
+    context.finetune(model, epochs, on_epoch_start=on_epoch_start)
+    # normally a no-op (the last epoch started at ``amount`` and the zeros rank lowest); it
+    # guarantees the target if the fine-tuning stopped early
+    _prune_to(targets, amount, scope)
+    return sparsities
+
+
+def cubic_sparsity(amount: float, epoch: int, epochs: int) -> float:
+    """Sparsity at the start of ``epoch`` (0-based) of ``epochs``: the cubic schedule of Zhu &
+    Gupta (2017), ``s = amount * (1 - (1 - (epoch + 1) / epochs) ** 3)``.
+
+    It prunes fast while many redundant weights remain and slowly near the target, which it
+    reaches at the start of the last epoch, so that epoch recovers at the final sparsity.
+    """
+    progress = min(epoch + 1, epochs) / epochs
+    return float(amount) * (1.0 - (1.0 - progress) ** 3)
+
+
+def _prune_to(targets: list[tuple[nn.Module, str]], sparsity: float, scope: str) -> None:
+    """Set the sparsity of ``targets`` to ``sparsity`` (not ``sparsity`` of what is left):
+    earlier masks are folded into the weights first, and their zeros rank lowest, so they stay."""
+    _make_permanent(targets)
+    if scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    else:
+        for module, name in targets:
+            prune.l1_unstructured(module, name, amount=sparsity)
+
+
+def _make_permanent(targets: list[tuple[nn.Module, str]]) -> None:
+    for module, name in targets:
+        if hasattr(module, f"{name}_mask"):
+            prune.remove(module, name)
+
+
+def _unstructured_details(model: nn.Module, names: list[str], amount: float, scope: str, schedule: str,
+                          sparsities: list[float]) -> dict[str, Any]:
+    state = model.state_dict()
+    total = sum(state[name].numel() for name in names)
+    nonzero = sum(int(torch.count_nonzero(state[name])) for name in names)
+    return {
+        "amount": float(amount),
+        "scope": scope,
+        "schedule": schedule,
+        "sparsity_per_epoch": [round(s, 6) for s in sparsities] if schedule == "gradual" else None,
+        "prunable_weights": total,
+        "zeroed_weights": total - nonzero,
+        "nonzero_fraction": nonzero / total,
+        "dense_size_bytes": measure.size_bytes(model),
+        "sparse_size_bytes": _serialized_bytes(_sparse_artifact(model, names)),
+        "sparse_encoding": SPARSE_ENCODING,
+        "latency_note": DENSE_LATENCY_NOTE,
+    }
+
+
+def _serialized_bytes(obj: Any) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _sparse_artifact(model: nn.Module, sparse_names: list[str]) -> dict[str, Any]:
+    """The state_dict with the pruned weights bitmask-encoded (see ``SPARSE_ENCODING``); only
+    tensors and plain containers, so ``torch.load(weights_only=True)`` reads it."""
+    dense, sparse = {}, {}
+    for name, tensor in model.state_dict().items():
+        encoded = _encode(tensor) if name in sparse_names else None
+        if encoded is not None and _encoded_bytes(encoded) < tensor.numel() * tensor.element_size():
+            sparse[name] = encoded
+        else:
+            dense[name] = tensor.detach().clone()
+    return {"format": UNSTRUCTURED_FORMAT, "dense": dense, "sparse": sparse}
+
+
+def _encode(tensor: Tensor) -> dict[str, Any]:
+    flat = tensor.detach().reshape(-1)
+    keep = flat != 0
+    padded = torch.zeros(math.ceil(flat.numel() / 8) * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = keep.to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    bits = (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return {"shape": list(tensor.shape), "bits": bits, "values": flat[keep].clone()}
+
+
+def _encoded_bytes(encoded: dict[str, Any]) -> int:
+    return encoded["bits"].numel() + encoded["values"].numel() * encoded["values"].element_size()
+
+
+def _decode(encoded: dict[str, Any]) -> Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    numel = math.prod(encoded["shape"])
+    keep = ((encoded["bits"].unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+    flat = torch.zeros(numel, dtype=encoded["values"].dtype)
+    flat[keep] = encoded["values"]
+    return flat.reshape(encoded["shape"])
+
+
+def load_unstructured(path: str | Path, model: nn.Module) -> nn.Module:
+    """Read an artifact of :func:`unstructured` into ``model`` (the same architecture) and
+    return it; the dense weights are restored bit for bit."""
+    artifact = torch.load(path, map_location="cpu", weights_only=True)
+    if artifact.get("format") != UNSTRUCTURED_FORMAT:
+        raise ValueError(f"{path}: not a prune_unstructured artifact (format {artifact.get('format')!r})")
+    state = dict(artifact["dense"])
+    state.update({name: _decode(encoded) for name, encoded in artifact["sparse"].items()})
+    model.load_state_dict(state)
+    return model
+
+
+# -- structured -------------------------------------------------------------------------------
+def structured(
+    model: nn.Module,
+    context: Context,
+    amount: float | None = 0.5,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    importance: str = "l1",
+    iterative_steps: int = 1,
+    round_to: int | None = None,
+) -> Compressed:
+    """Remove output channels (filters, hidden units) and everything that depends on them.
+
+    ``amount`` is the fraction of channels removed from *every* prunable group of coupled
+    layers (torch-pruning's local ``pruning_ratio``; a residual stage is one group): a uniform
+    cut keeps the network's shape balanced and cannot empty a layer that a global ranking
+    might starve. Conv weights shrink in both channel dimensions, so about ``(1 - amount)**2``
+    of the parameters remain. ``iterative_steps`` reaches ``amount`` in that many steps, ranking
+    again after each. ``target_params`` / ``target_macs`` replace ``amount``: the ratio rises in
+    small steps until the model fits the budget(s). The classifier's outputs (the last layer
+    run) are never pruned. Fine-tunes after pruning when the run has fine-tuning epochs.
+    """
+    budgets = {key: value for key, value in (("target_params", target_params), ("target_macs", target_macs))
+               if value is not None}
+    _check_structured_options(model, amount, budgets, importance, iterative_steps, round_to)
+    before = {"params": measure.params(model), "macs": measure.macs(model, context.input_shape)}
+    _check_budgets(budgets, before)
+
+    pruned = copy.deepcopy(model)
+    channels_before = _out_channels(pruned)
+    was_training = pruned.training
+    pruned.eval()
+    ratio = _prune_channels(pruned, context, None if budgets else float(amount), budgets, importance,
+                            int(iterative_steps), round_to)
+    pruned.zero_grad(set_to_none=True)
+    pruned.train(was_training)
+    if context.finetune is not None:
+        context.finetune(pruned, context.finetune_epochs)
+
+    after = {"params": measure.params(pruned), "macs": measure.macs(pruned, context.input_shape)}
+    details = {
+        "amount": None if budgets else float(amount),
+        "ranking": "per layer group (local pruning_ratio)",
+        "channel_ratio": ratio,
+        "importance": importance,
+        "iterative_steps": None if budgets else int(iterative_steps),
+        "round_to": round_to,
+        "target_params": target_params,
+        "target_macs": target_macs,
+        **{f"{key}_before": value for key, value in before.items()},
+        **{f"{key}_after": value for key, value in after.items()},
+        "param_ratio": after["params"] / before["params"],
+        "mac_ratio": after["macs"] / before["macs"],
+        "out_channels": {name: [channels_before[name], count]
+                         for name, count in list(_out_channels(pruned).items())[:SHOWN_LAYERS]},
+    }
+    return Compressed(
+        model=pruned,
+        method="prune_structured",
+        backend=f"torch-pruning {_tp().__version__} (tp.pruner.MetaPruner)",
+        save=lambda path: torch.save(_structured_artifact(pruned), path),
+        details=details,
+    )
+
+
+def _check_structured_options(model: nn.Module, amount: Any, budgets: dict[str, int], importance: str,
+                              iterative_steps: Any, round_to: Any) -> None:
+    if not budgets:
+        _check_amount(amount, "channels of each layer")
+    _check_choice("importance", importance, IMPORTANCES)
+    if isinstance(iterative_steps, bool) or int(iterative_steps) < 1:
+        raise ConfigError(f"iterative_steps={iterative_steps!r} is not allowed: an integer >= 1")
+    if round_to is not None and int(round_to) < 1:
+        raise ConfigError(f"round_to={round_to!r} is not allowed: an integer >= 1, or null")
+    if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("importance='bn_scale' is not allowed: the model has no BatchNorm layer to rank by")
+
+
+def _prune_channels(model: nn.Module, context: Context, amount: float | None, budgets: dict[str, int],
+                    importance: str, iterative_steps: int, round_to: int | None) -> float:
+    """Prune ``model`` in place to ``amount``, or until it fits ``budgets``; the channel ratio reached.
+
+    The layer checks run on the traced graph before any channel is removed.
+    """
+    classifier = _output_layer(model, context.input_shape)
+    if not any(module is not classifier for _, module in _prunable_layers(model)):
+        raise ConfigError(f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear "
+                          "layer before the classifier")
+    groups = _pruning_groups(model, context.input_shape, classifier, importance)
+    if budgets:
+        ratio, steps = _largest_ratio(groups, max(1, int(round_to or 1)), budgets), TARGET_STEPS
+    else:
+        _check_no_layer_emptied(groups, amount, round_to)
+        ratio, steps = amount, iterative_steps
+    pruner = _pruner(model, context.input_shape, classifier, importance, ratio, steps, round_to)
+    taken = _run_steps(pruner, model, context, importance, steps, budgets)
+    return ratio * taken / steps
+
+
+def _tp() -> Any:
+    """torch-pruning, imported on use so that the other methods work without it."""
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise ConfigError("compress=prune_structured is not allowed: it needs torch-pruning "
+                          "(pip install 'torch-pruning>=1.5,<2')") from error
+    return torch_pruning
+
+
+def _check_budgets(budgets: dict[str, int], before: dict[str, int]) -> None:
+    for key, value in budgets.items():
+        count, what = (before["params"], "parameters") if key == "target_params" else (before["macs"], "MACs")
+        if isinstance(value, bool) or int(value) < 1:
+            raise ConfigError(f"{key}={value!r} is not allowed: a positive count, or null")
+        if int(value) >= count:
+            raise ConfigError(f"{key}={value} is not allowed: the model has only {count:,} {what}; "
+                              "a budget must be smaller")
+
+
+def _output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """The Conv/Linear layer that runs last: the classifier, whose outputs are the classes."""
+    order: list[nn.Module] = []
+    hooks = [module.register_forward_hook(lambda m, i, o: order.append(m)) for _, module in _prunable_layers(model)]
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not order:
+        raise ConfigError(f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear layer")
+    return order[-1]
+
+
+def _importance(name: str) -> Any:
+    imp = _tp().importance
+    return {
+        "l1": lambda: imp.GroupMagnitudeImportance(p=1),
+        "l2": lambda: imp.GroupMagnitudeImportance(p=2),
+        "bn_scale": imp.BNScaleImportance,
+        "taylor": imp.TaylorImportance,
+    }[name]()
+
+
+def _pruner(model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Module, importance: str, ratio: float,
+            steps: int, round_to: int | None) -> Any:
+    return _tp().pruner.MetaPruner(
+        model,
+        example_inputs=torch.randn(1, *input_shape),
+        importance=_importance(importance),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        global_pruning=False,
+        ignored_layers=[classifier],
+        round_to=round_to,
+    )
+
+
+def _pruning_groups(model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Module,
+                    importance: str) -> list[tuple[str, int]]:
+    """(name of the root layer, output channels) of every group of coupled layers that can lose channels."""
+    pruner = _pruner(model, input_shape, classifier, importance, 0.5, 1, None)
+    names = {module: name for name, module in model.named_modules()}
+    groups = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        root = group[0][0].target.module
+        groups.append((names.get(root, type(root).__name__), int(pruner.DG.get_out_channels(root))))
+    if not groups:
+        raise ConfigError(f"model={type(model).__name__} is not allowed: it has no channel that can be removed "
+                          "without touching the classifier's outputs")
+    return groups
+
+
+def _kept(channels: int, ratio: float, round_to: int | None) -> int:
+    """Channels a group keeps at ``ratio``, as torch-pruning counts them."""
+    kept = int(channels * (1 - ratio))
+    return kept - kept % round_to if round_to else kept
+
+
+def _check_no_layer_emptied(groups: list[tuple[str, int]], amount: float, round_to: int | None) -> None:
+    for name, channels in groups:
+        if _kept(channels, amount, round_to) < 1:
+            rounding = f" after rounding to multiples of round_to={round_to}" if round_to else ""
+            raise ConfigError(f"amount={amount} is not allowed: it would remove all {channels} channels of "
+                              f"layer {name}{rounding}; use a smaller amount")
+
+
+def _largest_ratio(groups: list[tuple[str, int]], keep: int, budgets: dict[str, int]) -> float:
+    """The highest channel ratio at which every group keeps ``keep`` channels (a budget search
+    climbs towards it)."""
+    ratio = min(1 - keep / channels for _, channels in groups) - 1e-6
+    if ratio <= 0:
+        key, value = next(iter(budgets.items()))
+        raise ConfigError(f"{key}={value} is not allowed: no layer has more than {keep} channel(s) to remove")
+    return ratio
+
+
+def _run_steps(pruner: Any, model: nn.Module, context: Context, importance: str, steps: int,
+               budgets: dict[str, int]) -> int:
+    """Prune step by step (stopping as soon as the budgets hold, if any); the number of steps taken."""
+    for step in range(1, steps + 1):
+        if importance == "taylor":
+            _taylor_gradients(model, context)
+        pruner.step()
+        if budgets and _within(model, context.input_shape, budgets):
+            return step
+    if budgets:
+        reached = {"target_params": measure.params(model), "target_macs": measure.macs(model, context.input_shape)}
+        key = next(key for key, value in budgets.items() if reached[key] > value)
+        raise ConfigError(f"{key}={budgets[key]} is not allowed: pruning stops at {reached[key]:,} with the "
+                          "classifier kept and the fewest channels per layer; use a larger budget")
+    return steps
+
+
+def _within(model: nn.Module, input_shape: tuple[int, ...], budgets: dict[str, int]) -> bool:
+    counts: dict[str, Callable[[], int]] = {
+        "target_params": lambda: measure.params(model),
+        "target_macs": lambda: measure.macs(model, input_shape),
+    }
+    return all(counts[key]() <= value for key, value in budgets.items())
+
+
+def _taylor_gradients(model: nn.Module, context: Context) -> None:
+    """Cross-entropy gradients of a few training batches: Taylor importance is |weight * grad|."""
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    for x, y, _ in context.train_batches():
+        F.cross_entropy(model(x), y).backward()
+        seen += 1
+        if seen == TAYLOR_BATCHES:
+            break
+    if seen == 0:
+        raise ConfigError("importance='taylor' is not allowed: the training split gave no batch to take gradients on")
+
+
+def _out_channels(model: nn.Module) -> dict[str, int]:
+    return {name: int(module.weight.shape[0]) for name, module in _prunable_layers(model)}
+
+
+def _structured_artifact(model: nn.Module) -> dict[str, Any]:
+    """The state_dict plus the shape attributes of every module: with the unpruned
+    architecture, that is all :func:`load_structured` needs, and it holds no pickled code."""
+    attributes = {}
+    for name, module in model.named_modules():
+        found = {key: getattr(module, key) for key in SHAPE_ATTRIBUTES if _is_shape(getattr(module, key, None))}
+        if found:
+            attributes[name] = found
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return {"format": STRUCTURED_FORMAT, "state_dict": state, "attributes": attributes}
+
+
+def _is_shape(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_structured(path: str | Path, model: nn.Module) -> nn.Module:
+    """Rebuild a model saved by :func:`structured` on ``model``, a fresh instance of the
+    *unpruned* architecture: every tensor is resized to its saved shape, the shape attributes
+    are set, then the weights are loaded (``weights_only=True``). Returns ``model``."""
+    artifact = torch.load(path, map_location="cpu", weights_only=True)
+    if artifact.get("format") != STRUCTURED_FORMAT:
+        raise ValueError(f"{path}: not a prune_structured artifact (format {artifact.get('format')!r})")
+    for name, tensor in artifact["state_dict"].items():
+        module_name, _, key = name.rpartition(".")
+        _resize(model.get_submodule(module_name), key, tensor)
+    for module_name, found in artifact["attributes"].items():
+        module = model.get_submodule(module_name)
+        for key, value in found.items():
+            setattr(module, key, value)
+    model.load_state_dict(artifact["state_dict"])
+    return model
+
+
+def _resize(module: nn.Module, key: str, saved: Tensor) -> None:
+    current = getattr(module, key)
+    if current is None or current.shape == saved.shape:
+        return
+    empty = torch.empty(saved.shape, dtype=current.dtype)
+    if isinstance(current, nn.Parameter):
+        setattr(module, key, nn.Parameter(empty, requires_grad=current.requires_grad))
+    else:
+        setattr(module, key, empty)
