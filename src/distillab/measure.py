@@ -27,8 +27,12 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+# quantized layers (fused ones like ConvReLU2d live in the intrinsic package)
+QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
 def _is_quantized(module: nn.Module) -> bool:
-    return callable(getattr(module, "weight", None)) and type(module).__module__.startswith("torch.ao.nn.quantized")
+    return callable(getattr(module, "weight", None)) and type(module).__module__.startswith(QUANTIZED_MODULES)
 
 
 def params(model: nn.Module) -> int:

@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from distillab import measure
+
 
 @dataclass
 class Context:
@@ -96,4 +98,4 @@ def apply(cfg: DictConfig, model: nn.Module, context: Context) -> tuple[Compress
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    return any(type(m).__module__.startswith(measure.QUANTIZED_MODULES) for m in model.modules())
