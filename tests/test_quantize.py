@@ -141,12 +141,7 @@ def test_dynamic_mlp_int8_smaller_and_accurate(mlp, digits):
         assert layer.weight().dtype == torch.qint8
     assert set(result.details["layers"].values()) == {"torch.qint8"} and result.details["int8_layers"] == 3
     assert type(mlp.classifier) is nn.Linear and _same_state(mlp, before)  # the input is untouched
-    ratio = measure.size_bytes(model) / measure.size_bytes(mlp)
-    drop = _accuracy(mlp, digits) - _accuracy(model, digits)
-    latency = _latency_ratios(model, mlp)
-    print(f"\nquant_dynamic MLP 64-512-512-10: size ratio {ratio:.3f}, accuracy {_accuracy(mlp, digits):.4f} "
-          f"-> {_accuracy(model, digits):.4f} (drop {drop:+.4f}), latency ratio batch 1 {latency[1]:.2f}, "
-          f"batch 64 {latency[64]:.2f}")
+    ratio, drop = _compare("quant_dynamic MLP 64-512-512-10", model, mlp, digits)
     assert ratio <= 0.30
     assert drop <= 0.01
 
@@ -156,6 +151,16 @@ def test_dynamic_refuses_a_model_without_linear_layers(digits):
     with pytest.raises(ConfigError) as error:
         Q.dynamic(convs, _context(digits))
     assert "quant_dynamic" in _one_line(error) and "Sequential has none" in str(error.value)
+
+
+def _compare(name: str, int8: nn.Module, fp32: nn.Module, digits) -> tuple[float, float]:
+    """Size ratio and accuracy drop of ``int8`` against ``fp32``; prints them with latency."""
+    ratio = measure.size_bytes(int8) / measure.size_bytes(fp32)
+    before, after = _accuracy(fp32, digits), _accuracy(int8, digits)
+    latency = _latency_ratios(int8, fp32)
+    print(f"\n{name}: size ratio {ratio:.3f}, accuracy {before:.4f} -> {after:.4f} (drop {before - after:+.4f}), "
+          f"latency ratio batch 1 {latency[1]:.2f}, batch 64 {latency[64]:.2f}")
+    return ratio, before - after
 
 
 # -- static -------------------------------------------------------------------------------------
@@ -175,12 +180,7 @@ def test_static_cnn_fuses_int8_convs_smaller_and_accurate(cnn, digits):
     assert result.details["int8_layers"] == 5 and result.details["calibration_batches"] == 8
     assert result.details["calibration_samples"] == 8 * 64
     assert type(cnn.stages[0][0][1]) is nn.BatchNorm2d and _same_state(cnn, before)
-    ratio = measure.size_bytes(model) / measure.size_bytes(cnn)
-    drop = _accuracy(cnn, digits) - _accuracy(model, digits)
-    latency = _latency_ratios(model, cnn)
-    print(f"\nquant_static CNN width 32 blocks 2: size ratio {ratio:.3f}, accuracy {_accuracy(cnn, digits):.4f} "
-          f"-> {_accuracy(model, digits):.4f} (drop {drop:+.4f}), latency ratio batch 1 {latency[1]:.2f}, "
-          f"batch 64 {latency[64]:.2f}")
+    ratio, drop = _compare("quant_static CNN width 32 blocks 2", model, cnn, digits)
     assert ratio <= 0.30
     assert drop <= 0.02
 
