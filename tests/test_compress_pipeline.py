@@ -71,7 +71,12 @@ def test_bad_compression_input_fails_before_training(override, key, tmp_path):
     assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "cache").exists()
 
 
-def test_pruning_that_removes_a_whole_layer_is_refused(make_cfg):
+@pytest.mark.parametrize("overrides", [
+    ["compress=prune_structured", "compress.amount=0.99", "student=cnn", "student.width=2"],
+    ["compress=prune_structured", "compress.amount=null", "compress.target_params=99999999"],
+])
+def test_compression_that_cannot_apply_is_refused_before_training(make_cfg, tmp_path, overrides):
     with pytest.raises(ConfigError):
-        pipeline.run(make_cfg("compress=prune_structured", "compress.amount=0.99", "student=cnn",
-                              "student.width=2", "compress.finetune_epochs=0", *QUICK), raise_on_failure=True)
+        pipeline.run(make_cfg(*overrides, "compress.finetune_epochs=0", *QUICK), raise_on_failure=True)
+    assert not (tmp_path / "cache").exists()  # no teacher was trained
+    assert not list(tmp_path.rglob("results.json"))

@@ -105,7 +105,26 @@ def prepare(cfg: DictConfig) -> Parts:
         torch.manual_seed(int(cfg.teacher.recipe.seed))
         teacher = build_model("teacher", cfg.teacher, data)
     loss = _build("distill", cfg.distill)
+    if compress_target(cfg) is not None:
+        check_compression(cfg, data, student if compress_target(cfg) == "student" else teacher)
     return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
+
+
+def check_compression(cfg: DictConfig, data: InMemoryDataModule, model: nn.Module) -> None:
+    """Dry-run the compression on a copy of the untrained model, with one calibration batch and
+    no fine-tuning, so that a method that cannot apply (a budget larger than the model, a
+    layer pruned away, nothing to quantize) fails before any training, not after it."""
+    def one_batch() -> list:
+        return [next(iter(data.train_dataloader()))]
+
+    context = compress.Context(
+        input_shape=tuple(data.input_shape),
+        train_batches=one_batch,
+        finetune_epochs=int(cfg.compress.finetune_epochs),
+        finetune=lambda *args, **kwargs: None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        compress.apply(cfg.compress, copy.deepcopy(model).cpu(), context)
 
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
