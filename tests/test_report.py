@@ -258,7 +258,7 @@ def test_figure_has_log_x_error_bars_front_and_teacher(sweep: Path) -> None:
     assert "12-00-00" in ax.get_title()
     assert "(count)" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
     labels = ax.get_legend_handles_labels()[1]
-    assert {"method=kd", "method=none", "Pareto front"} <= set(labels)
+    assert {"method=kd", "method=none, compress=prune", "Pareto front"} <= set(labels)
     assert any(label.startswith("teacher cnn") for label in labels)
     spans = {}
     for container in ax.containers:
@@ -423,3 +423,11 @@ def test_unstructured_pruning_rows_carry_the_dense_latency_note(tmp_path: Path) 
     assert "dense latency does not change" in report.markdown_text(records, rows, "params", "t")
     others = [row for row in rows if row["compress"] != "prune_unstructured"]
     assert "dense latency" not in report.markdown_text(records, others, "params", "t")
+
+
+def test_compression_methods_get_their_own_markers() -> None:
+    rows = summarize(ok_records([make_result("compress=none", 0, 0.95),
+                                 make_result("compress=quant_dynamic", 0, 0.94, compress="quant_dynamic",
+                                             compressed=model_block(0.94, 1000))]))
+    labels = [line.get_label() for line in accuracy_figure(rows, "params", "t").axes[0].containers]
+    assert {"method=kd", "method=kd, compress=quant_dynamic"} <= set(labels)

@@ -381,12 +381,18 @@ def accuracy_figure(rows: list[dict[str, Any]], x: str = "params", title: str = 
     return figure
 
 
+def _series(row: dict) -> str:
+    """One marker per distillation method, and per compression method when there is one."""
+    compress = str(row.get("compress") or "none")
+    return f"method={row['method']}" + ("" if compress == "none" else f", compress={compress}")
+
+
 def _plot_methods(ax: Any, rows: list[dict], key: str) -> None:
-    for i, method in enumerate(sorted({str(row["method"]) for row in rows})):
-        mine = [row for row in rows if str(row["method"]) == method]
+    for i, series in enumerate(sorted({_series(row) for row in rows})):
+        mine = [row for row in rows if _series(row) == series]
         ax.errorbar([row[key] for row in mine], [row["acc_mean"] for row in mine],
                     yerr=[row["acc_std"] or 0.0 for row in mine], fmt=MARKERS[i % len(MARKERS)],
-                    color=f"C{i % 10}", capsize=3, markersize=7, label=f"method={method}")
+                    color=f"C{i % 10}", capsize=3, markersize=7, label=series)
 
 
 def _plot_front(ax: Any, rows: list[dict], key: str) -> None:
