@@ -63,6 +63,7 @@ Saving and reloading
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import functools
@@ -155,7 +156,7 @@ class Preparation:
     untraced: list[str] = field(default_factory=list)
 
 
-class Backend:
+class Backend(abc.ABC):
     """One implementation of int8 quantization.
 
     ``dynamic(model, engine)`` returns the dynamically quantized model. ``prepare(model,
@@ -169,16 +170,19 @@ class Backend:
     def describe(self, engine: str) -> str:
         return f"{self.name}, {engine} engine"
 
+    @abc.abstractmethod
     def dynamic(self, model: nn.Module, engine: str) -> nn.Module:
-        raise NotImplementedError
+        """The model with dynamically quantized Linear/LSTM/GRU layers."""
 
+    @abc.abstractmethod
     def prepare(
         self, model: nn.Module, example: Tensor, engine: str, per_channel: bool, qat: bool, method: str
     ) -> tuple[nn.Module, Preparation]:
-        raise NotImplementedError
+        """The model with observers (or fake quantization for QAT), and what was done to it."""
 
+    @abc.abstractmethod
     def convert(self, model: nn.Module, engine: str) -> nn.Module:
-        raise NotImplementedError
+        """The calibrated or trained prepared model as a real int8 model."""
 
 
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
@@ -414,7 +418,7 @@ def _rewrite_and_find_fusions(model: nn.Module, example: Tensor) -> tuple[nn.Mod
 
 # -- the trial run: refuse what the int8 model cannot compute -------------------------------------
 class _Unsupported(Exception):
-    pass
+    """An operation the int8 model would run wrongly (see ``_CatGuard``)."""
 
 
 class _CatGuard(TorchFunctionMode):
