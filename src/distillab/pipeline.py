@@ -353,7 +353,7 @@ def assemble(
 ) -> dict[str, Any]:
     """Evaluate every model on the test split (once, for the chosen checkpoints) and measure it."""
     how = {"threads": cfg.measure.threads, "warmup": cfg.measure.warmup, "repeats": cfg.measure.repeats}
-    device = next(teacher.model.parameters()).device if any(True for _ in teacher.model.parameters()) else "cpu"
+    device = device_of(teacher.model)
     teacher_preds, targets = predict(teacher.model, data.test_dataloader(), device)
     teacher_test = classification_metrics(teacher_preds, targets, data.num_classes)
     teacher_block = {
@@ -405,7 +405,7 @@ def assemble(
 
 def model_block(model: nn.Module, data: InMemoryDataModule, teacher_preds: Tensor, how: dict) -> dict[str, Any]:
     """Measurements and test/val metrics of one model; quantized models run on the CPU."""
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    device = device_of(model)
     preds, targets = predict(model, data.test_dataloader(), device)
     val_preds, val_targets = predict(model, data.val_dataloader(), device)
     test = classification_metrics(preds, targets, data.num_classes)
@@ -415,6 +415,12 @@ def model_block(model: nn.Module, data: InMemoryDataModule, teacher_preds: Tenso
         "test": test,
         "val": {"acc": classification_metrics(val_preds, val_targets, data.num_classes)["acc"]},
     }
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are; int8 models hold none and run on the CPU."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def ratios(block: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
