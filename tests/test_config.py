@@ -58,7 +58,7 @@ def test_bad_input_is_one_line_naming_the_key(override, key, capsys):
 def test_allowed_values_are_named(capsys):
     with pytest.raises(SystemExit):
         cli.check_command_line(["distill=kdd"])
-    assert "allowed: kd, none" in capsys.readouterr().err
+    assert "allowed: at, dkd, fitnet, kd, none, pkt, rkd, sp" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.check_command_line(["distill.lamb=1"])
     assert "allowed keys of distill: lam, temperature" in capsys.readouterr().err

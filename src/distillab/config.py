@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads typing.List / Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import Container, DictConfig, OmegaConf
@@ -104,6 +104,103 @@ class KDSchema:
         _require(0 <= self.lam <= 1, "lam", self.lam,
                  "a weight in [0, 1] (0 = cross-entropy only, 1 = soft targets only)")
         _require(self.temperature > 0, "temperature", self.temperature, "a temperature > 0")
+
+
+@dataclass
+class KDWeightsSchema:
+    """The cross-entropy/KD part of a feature method: (1 − lam)·CE + lam·T²·KL."""
+
+    lam: float = 0.0
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.lam <= 1, "lam", self.lam, "a weight in [0, 1] (0 = no KD term)")
+        _require(self.temperature > 0, "temperature", self.temperature, "a temperature > 0")
+
+
+def _weight(value: float, name: str) -> None:
+    _require(value >= 0, name, value, "a weight >= 0")
+
+
+@dataclass
+class FitNetSchema:
+    _target_: str = "distillab.distill.methods.FitNetLoss"
+    hint_weight: float = 100.0
+    student_layer: Optional[str] = None  # noqa: UP045 - OmegaConf reads typing.Optional
+    teacher_layer: Optional[str] = None  # noqa: UP045
+    kd: KDWeightsSchema = field(default_factory=KDWeightsSchema)
+
+    def __post_init__(self) -> None:
+        _weight(self.hint_weight, "hint_weight")
+
+
+@dataclass
+class ATSchema:
+    _target_: str = "distillab.distill.methods.ATLoss"
+    at_weight: float = 1000.0
+    p: float = 2.0
+    student_layers: Optional[List[str]] = None  # noqa: UP006, UP045
+    teacher_layers: Optional[List[str]] = None  # noqa: UP006, UP045
+    kd: KDWeightsSchema = field(default_factory=KDWeightsSchema)
+
+    def __post_init__(self) -> None:
+        _weight(self.at_weight, "at_weight")
+        _require(self.p > 0, "p", self.p, "an exponent > 0 (2 in the paper)")
+
+
+@dataclass
+class SPSchema:
+    _target_: str = "distillab.distill.methods.SPLoss"
+    sp_weight: float = 3000.0
+    student_layers: Optional[List[str]] = None  # noqa: UP006, UP045
+    teacher_layers: Optional[List[str]] = None  # noqa: UP006, UP045
+    kd: KDWeightsSchema = field(default_factory=KDWeightsSchema)
+
+    def __post_init__(self) -> None:
+        _weight(self.sp_weight, "sp_weight")
+
+
+@dataclass
+class RKDSchema:
+    _target_: str = "distillab.distill.methods.RKDLoss"
+    distance_weight: float = 25.0
+    angle_weight: float = 50.0
+    student_layer: Optional[str] = None  # noqa: UP045
+    teacher_layer: Optional[str] = None  # noqa: UP045
+    kd: KDWeightsSchema = field(default_factory=KDWeightsSchema)
+
+    def __post_init__(self) -> None:
+        _weight(self.distance_weight, "distance_weight")
+        _weight(self.angle_weight, "angle_weight")
+
+
+@dataclass
+class PKTSchema:
+    _target_: str = "distillab.distill.methods.PKTLoss"
+    pkt_weight: float = 30000.0
+    student_layer: Optional[str] = None  # noqa: UP045
+    teacher_layer: Optional[str] = None  # noqa: UP045
+    kd: KDWeightsSchema = field(default_factory=KDWeightsSchema)
+
+    def __post_init__(self) -> None:
+        _weight(self.pkt_weight, "pkt_weight")
+
+
+@dataclass
+class DKDSchema:
+    _target_: str = "distillab.distill.methods.DKDLoss"
+    ce_weight: float = 1.0
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup_epochs: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "alpha", "beta"):
+            _weight(getattr(self, name), name)
+        _require(self.temperature > 0, "temperature", self.temperature, "a temperature > 0")
+        _require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
+                 "epochs >= 0 over which the DKD terms ramp up (0 = none)")
 
 
 # -- compression ------------------------------------------------------------------------------
@@ -303,7 +400,8 @@ class MeasureSchema:
 
 SCHEMAS = {
     "data": {"in_memory": InMemoryDataSchema, "synthetic": SyntheticDataSchema, "vision": VisionDataSchema},
-    "distill": {"none": NoDistillSchema, "kd": KDSchema},
+    "distill": {"none": NoDistillSchema, "kd": KDSchema, "kd_weights": KDWeightsSchema, "fitnet": FitNetSchema,
+                "at": ATSchema, "sp": SPSchema, "rkd": RKDSchema, "pkt": PKTSchema, "dkd": DKDSchema},
     "compress": {"none": NoCompressSchema, "prune_unstructured": PruneUnstructuredSchema,
                  "prune_structured": PruneStructuredSchema, "quant_dynamic": QuantDynamicSchema,
                  "quant_static": QuantStaticSchema, "qat": QATSchema, "chain": ChainSchema},

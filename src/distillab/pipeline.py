@@ -105,9 +105,17 @@ def prepare(cfg: DictConfig) -> Parts:
         torch.manual_seed(int(cfg.teacher.recipe.seed))
         teacher = build_model("teacher", cfg.teacher, data)
     loss = _build("distill", cfg.distill)
+    # feature methods resolve their layers and build their regressors from one batch now, so a
+    # wrong layer path or shape fails before any training
+    loss.bind(student, teacher if loss.needs_teacher else None, _example(data))
     if compress_target(cfg) is not None:
         check_compression(cfg, data, student if compress_target(cfg) == "student" else teacher)
     return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
+
+
+def _example(data: InMemoryDataModule) -> Tensor:
+    """A few training inputs, to trace feature shapes."""
+    return next(iter(data.train_dataloader()))[0][:8]
 
 
 def check_compression(cfg: DictConfig, data: InMemoryDataModule, model: nn.Module) -> None:
@@ -162,6 +170,9 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
 
     record = assemble(cfg, data, teacher, student if best_epoch is not None else None, best_epoch, loss.method,
                       compressed)
+    if "student" in record:
+        # regressors and embeddings of feature methods train with the student but are not deployed
+        record["student"]["extra_params"] = sum(p.numel() for p in loss.parameters())
     record["timing_s"] = {**{k: round(v, 3) for k, v in timing.items()},
                           "total": round(time.perf_counter() - start, 3)}
     if _is_rank_zero():
@@ -221,7 +232,9 @@ def finetune_with_teacher(
     """Train ``model`` in place for ``epochs`` with the run's loss, ``teacher`` frozen; the last
     epoch is the result (a pruning schedule changes the model from epoch to epoch)."""
     loss = _build("distill", cfg.distill)
-    module = DistillationModule(model, copy.deepcopy(teacher) if loss.needs_teacher else None, loss,
+    teacher = copy.deepcopy(teacher) if loss.needs_teacher else None
+    loss.bind(model, teacher, _example(data).to(device_of(model)), same_architecture=True)
+    module = DistillationModule(model, teacher, loss,
                                 optimizer=instantiate(cfg.optim.optimizer))
     hooks = [_EpochStart(on_epoch_start)] if on_epoch_start is not None else []
     trainer = make_trainer(cfg, [], None, epochs, extra=hooks)

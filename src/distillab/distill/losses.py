@@ -7,6 +7,8 @@ loss module returns its terms by name, with the total under ``"loss"``, so each 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,18 +55,56 @@ def kd_loss(
     return terms["ce"] + terms["kd"]
 
 
-class CrossEntropy(nn.Module):
+class DistillLoss(nn.Module):
+    """What every distillation method is: an ``nn.Module`` returning its weighted terms by name.
+
+    ``forward(student_logits, teacher_logits, targets, student_feats=(), teacher_feats=())``
+    returns ``{"term": value, ..., "loss": total}``; every term is logged as ``train/<term>``.
+    Logit methods ignore the features. A feature method lists the layers it reads in
+    ``student_paths`` / ``teacher_paths`` (module paths, see ``distill.hooks``), filled by
+    ``bind`` before training; the module then hands it the features of those layers, the
+    teacher's computed without gradients. Parameters of the loss itself (regressors,
+    embeddings) train with the student and are counted apart from it.
+    """
+
+    needs_teacher = True
+    method = ""
+    #: the temperature of the teacher's soft targets (an ensemble averages probabilities at it)
+    temperature = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student_paths: list[str] = []
+        self.teacher_paths: list[str] = []
+
+    @property
+    def needs_features(self) -> bool:
+        return bool(self.student_paths or self.teacher_paths)
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None, example: Tensor,
+             same_architecture: bool = False) -> None:
+        """Resolve layers and build the method's own modules for this student/teacher pair,
+        from one example batch; a wrong layer or shape fails here, before any training.
+        ``same_architecture``: the teacher is the student's own uncompressed copy
+        (compression fine-tuning), so the student's layer paths are used for both."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called at the start of every training epoch (0-based), for schedules of weights."""
+
+
+class CrossEntropy(DistillLoss):
     """No distillation: the student trains on labels alone (``distill=none``)."""
 
     needs_teacher = False
     method = "none"
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
+                student_feats: Sequence[Tensor] = (), teacher_feats: Sequence[Tensor] = ()) -> dict[str, Tensor]:
         ce = F.cross_entropy(student_logits, targets)
         return {"ce": ce, "loss": ce}
 
 
-class KDLoss(nn.Module):
+class KDLoss(DistillLoss):
     """Hinton knowledge distillation (``distill=kd``), weights λ = ``lam`` and T = ``temperature``."""
 
     needs_teacher = True
@@ -78,7 +118,8 @@ class KDLoss(nn.Module):
             raise ValueError(f"distill.temperature must be > 0, got {temperature}")
         self.lam, self.temperature = float(lam), float(temperature)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                student_feats: Sequence[Tensor] = (), teacher_feats: Sequence[Tensor] = ()) -> dict[str, Tensor]:
         terms = kd_terms(student_logits, teacher_logits, targets, self.lam, self.temperature)
         terms["loss"] = terms["ce"] + terms["kd"]
         return terms
@@ -87,4 +128,4 @@ class KDLoss(nn.Module):
         return f"lam={self.lam}, temperature={self.temperature}"
 
 
-__all__ = ["CrossEntropy", "KDLoss", "kd_loss", "kd_terms", "soft_kl"]
+__all__ = ["CrossEntropy", "DistillLoss", "KDLoss", "kd_loss", "kd_terms", "soft_kl"]

@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from distillab.distill.hooks import FeatureTaps
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler
 
@@ -124,9 +126,12 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, y, index = _unpack(batch)
         logits = self.model(x)
-        terms = self.loss(logits, self.teacher_logits(x, index), y)
+        terms = self.loss_terms(x, y, index, logits)
         self._accumulate("train", terms, logits, y)
         return terms["loss"]
+
+    def loss_terms(self, x: Tensor, y: Tensor, index: Tensor | None, logits: Tensor) -> dict[str, Tensor]:
+        return self.loss(logits, self.teacher_logits(x, index), y)
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, _ = _unpack(batch)
@@ -162,6 +167,8 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Lightning steps epoch schedules before on_train_epoch_end: keep the rate used now
+        if hasattr(self.loss, "on_epoch_start"):
+            self.loss.on_epoch_start(int(self.current_epoch))
         optimizers = self.trainer.optimizers
         self._epoch_lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
 
@@ -217,6 +224,7 @@ class DistillationModule(ClassifierModule):
         if getattr(loss, "needs_teacher", False) and teacher is None:
             raise ValueError(f"{type(loss).__name__} needs a teacher, but none was given")
         object.__setattr__(self, "_teacher", teacher)
+        object.__setattr__(self, "_taps", None)
         self._freeze_teacher()
 
     @property
@@ -251,6 +259,36 @@ class DistillationModule(ClassifierModule):
             return None
         with torch.no_grad():
             return self._teacher(x)
+
+    # -- features of feature methods (forward hooks, alive during fit only) --------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if getattr(self.loss, "needs_features", False) and self._taps is None:
+            # hooks are created here, not in __init__: a spawned DDP worker gets a pickled copy
+            # of the module, and hooks on the models cannot travel with it
+            student = FeatureTaps(self.model, self.loss.student_paths, "distill.student_layers")
+            teacher = FeatureTaps(self._teacher, self.loss.teacher_paths, "distill.teacher_layers")
+            object.__setattr__(self, "_taps", (student, teacher))
+
+    def on_fit_end(self) -> None:
+        if self._taps is not None:
+            for taps in self._taps:
+                taps.remove()
+            object.__setattr__(self, "_taps", None)
+
+    def loss_terms(self, x: Tensor, y: Tensor, index: Tensor | None, logits: Tensor) -> dict[str, Tensor]:
+        if self._taps is None:
+            return super().loss_terms(x, y, index, logits)
+        student_taps, teacher_taps = self._taps
+        with torch.no_grad():
+            teacher_logits = self._teacher(x)  # the live teacher: its features are needed too
+        return self.loss(logits, teacher_logits, y, student_feats=student_taps.take(),
+                         teacher_feats=teacher_taps.take())
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_taps"] = None
+        return state
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
