@@ -105,7 +105,7 @@ def test_interpolated_values_are_left_to_the_job(tmp_path):
 
 def test_help_and_cfg_job_from_the_command_line(tmp_path):
     help_out = run_train(["--help"], cwd=tmp_path)
-    assert help_out.returncode == 0 and "distill: kd, none" in help_out.stdout
+    assert help_out.returncode == 0 and "distill: at, dkd, fitnet, kd, none, pkt, rkd, sp" in help_out.stdout
     assert "python train.py -m" in help_out.stdout
     cfg_out = run_train(["--cfg", "job", "distill.lam=0.9", "student=cnn"], cwd=tmp_path)
     assert cfg_out.returncode == 0
