@@ -48,7 +48,8 @@ def _role_kwargs(target: str, role: str, cfg: DictConfig, sweep_group: str | Non
 
 
 def build(cfg: DictConfig, role: str, sweep_group: str | None = None) -> list[Logger]:
-    """Instantiate every configured logger for ``role`` ('teacher' or 'student')."""
+    """Instantiate every configured logger for ``role`` ('teacher', 'teacher-<name>' for a member of an
+    ensemble, or 'student')."""
     loggers = []
     for conf in (cfg.get("logger") or {}).values():
         if conf is None or "_target_" not in conf:

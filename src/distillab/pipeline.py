@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from distillab import compress, loggers, measure, results, teachers
+from distillab import compress, ensemble, loggers, measure, results, teachers
 from distillab.config import ConfigError, validate
 from distillab.data.base import InMemoryDataModule
 from distillab.distill.losses import CrossEntropy
@@ -101,16 +101,30 @@ def prepare(cfg: DictConfig) -> Parts:
     student = build_model("student", cfg.student, data)
     # the teacher's initial weights depend on its own seed, never on the run's: the cache
     # key leaves the run seed out, so whichever sweep job trains it must get the same teacher
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.teacher.recipe.seed))
-        teacher = build_model("teacher", cfg.teacher, data)
     loss = _build("distill", cfg.distill)
+    ensemble.check(cfg, loss)
+    members = ensemble.member_configs(cfg)
+    if members:
+        teacher: nn.Module = ensemble.Ensemble(
+            [_new_teacher(member, data) for member in members], ensemble.names(cfg),
+            ensemble.weights_of(cfg, len(members)), str(cfg.ensemble.combine), float(loss.temperature))
+    else:
+        teacher = _new_teacher(cfg, data)
     # feature methods resolve their layers and build their regressors from one batch now, so a
     # wrong layer path or shape fails before any training
     loss.bind(student, teacher if loss.needs_teacher else None, _example(data))
     if compress_target(cfg) is not None:
         check_compression(cfg, data, student if compress_target(cfg) == "student" else teacher)
     return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
+
+
+def _new_teacher(cfg: DictConfig, data: InMemoryDataModule) -> nn.Module:
+    """An untrained teacher of ``cfg.teacher``. Its initial weights depend on its own seed, never
+    on the run's: the cache key leaves the run seed out, so whichever sweep job trains it must
+    get the same teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.teacher.recipe.seed))
+        return build_model("teacher", cfg.teacher, data)
 
 
 def _example(data: InMemoryDataModule) -> Tensor:
@@ -137,9 +151,7 @@ def check_compression(cfg: DictConfig, data: InMemoryDataModule, model: nn.Modul
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     data, student, loss, out = parts.data, parts.student, parts.loss, parts.out
-    teacher = teachers.obtain(
-        cfg, parts.teacher, train=lambda model, staging: train_teacher(cfg, model, data, staging)
-    )
+    teacher = obtain_teacher(cfg, parts.teacher, data)
     timing = {"teacher": teacher.seconds, "student": 0.0, "compress": 0.0}
     run_loggers: list = []
     best_epoch = None
@@ -181,6 +193,25 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         log.info("results written to %s", path)
     loggers.finish(run_loggers, _flatten(record))
     return record
+
+
+def obtain_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule) -> teachers.Teacher:
+    """The trained teacher, from the cache or trained now; an ensemble member by member."""
+    if not isinstance(model, ensemble.Ensemble):
+        return teachers.obtain(cfg, model, train=lambda m, staging: train_teacher(cfg, m, data, staging))
+    members = []
+    for name, member_cfg, member in zip(model.names, ensemble.member_configs(cfg), model.members):
+        def train(m: nn.Module, staging: Path, c: DictConfig = member_cfg, role: str = f"teacher-{name}") -> dict:
+            return train_teacher(c, m, data, staging, role)
+
+        members.append(teachers.obtain(member_cfg, member, train=train))
+        members[-1].arch = teachers.arch_name(member_cfg.teacher)
+    cache = "hit" if all(member.cache == "hit" for member in members) else "miss"
+    key = ensemble.cache_key([member.key for member in members], cfg, model.temperature)
+    log.info("ensemble of %d teachers (%s, combine=%s, weights %s)", len(members), ", ".join(model.names),
+             model.combine, [round(float(w), 4) for w in model.weights])
+    return teachers.Teacher(model.eval(), key, cache, members[0].path, seconds=sum(m.seconds for m in members),
+                            members=members, arch=ensemble.arch_name(model.names))
 
 
 def compress_target(cfg: DictConfig) -> str | None:
@@ -323,13 +354,14 @@ def restore_best(module: pl.LightningModule, trainer: pl.Trainer) -> int:
     return int(checkpoint["epoch"])
 
 
-def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, staging: Path) -> dict[str, Any]:
+def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, staging: Path,
+                  role: str = "teacher") -> dict[str, Any]:
     recipe = cfg.teacher.recipe
     pl.seed_everything(int(recipe.seed), workers=True, verbose=False)
     module = ClassifierModule(
         model, CrossEntropy(), optimizer=instantiate(recipe.optim.optimizer), scheduler=_scheduler(recipe.optim)
     )
-    run_loggers = loggers.build(cfg, "teacher", _sweep_group())
+    run_loggers = loggers.build(cfg, role, _sweep_group())
     trainer = make_trainer(cfg, run_loggers, staging / "checkpoints", recipe.max_epochs)
     with _teacher_augmentation(data, recipe.get("augment")):
         trainer.fit(module, datamodule=data)
@@ -370,7 +402,7 @@ def assemble(
     teacher_preds, targets = predict(teacher.model, data.test_dataloader(), device)
     teacher_test = classification_metrics(teacher_preds, targets, data.num_classes)
     teacher_block = {
-        "arch": teachers.arch_name(cfg.teacher),
+        "arch": teacher.arch or teachers.arch_name(cfg.teacher),
         **measure.profile(teacher.model, data.input_shape, **how),
         "cache": teacher.cache,
         "cache_key": teacher.key,
@@ -388,6 +420,8 @@ def assemble(
         "compress": str(cfg.compress.method),
         "teacher": teacher_block,
     }
+    if teacher.members:
+        record["teachers"] = [member_block(member, data, how) for member in teacher.members]
     if student is not None:
         record["student"] = {
             "arch": teachers.arch_name(cfg.student),
@@ -414,6 +448,18 @@ def assemble(
         }
     record["env"] = results.environment(Path(cfg.paths.root_dir), str(device))
     return record
+
+
+def member_block(member: teachers.Teacher, data: InMemoryDataModule, how: dict) -> dict[str, Any]:
+    """One teacher of an ensemble: architecture, cache entry, size and test metrics."""
+    preds, targets = predict(member.model, data.test_dataloader(), device_of(member.model))
+    return {
+        "arch": member.arch,
+        **measure.profile(member.model, data.input_shape, **how),
+        "cache": member.cache,
+        "cache_key": member.key,
+        "test": classification_metrics(preds, targets, data.num_classes),
+    }
 
 
 def model_block(model: nn.Module, data: InMemoryDataModule, teacher_preds: Tensor, how: dict) -> dict[str, Any]:

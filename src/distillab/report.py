@@ -170,15 +170,16 @@ def _student_row(group: str, runs: list[dict]) -> dict[str, Any]:
 
 
 def _teacher_rows(ok: list[dict]) -> list[dict[str, Any]]:
-    by_key: dict[str, list[dict]] = {}
+    # an ensemble's members get their own rows next to the ensemble's
+    by_key: dict[str, list[tuple[dict, dict]]] = {}
     for results in ok:
-        teacher = results.get("teacher")
-        if isinstance(teacher, dict):
-            key = str(teacher.get("cache_key") or teacher.get("arch") or "unknown")
-            by_key.setdefault(key, []).append(results)
+        for teacher in [results.get("teacher"), *(results.get("teachers") or [])]:
+            if isinstance(teacher, dict):
+                key = str(teacher.get("cache_key") or teacher.get("arch") or "unknown")
+                by_key.setdefault(key, []).append((results, teacher))
     rows = []
-    for key, runs in by_key.items():
-        blocks = [results["teacher"] for results in runs]
+    for key, pairs in by_key.items():
+        runs, blocks = [results for results, _ in pairs], [block for _, block in pairs]
         arch = _distinct(block.get("arch") for block in blocks)
         row = dict.fromkeys(COLUMNS)
         row.update(role="teacher", group=f"teacher {arch} [{key[:8]}]", method="teacher",

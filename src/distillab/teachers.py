@@ -43,6 +43,8 @@ class Teacher:
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    members: list[Teacher] = field(default_factory=list)  # the teachers of an ensemble
+    arch: str = ""  # the name results and logs give it; set for ensembles
 
 
 def arch_name(model_cfg: DictConfig) -> str:
