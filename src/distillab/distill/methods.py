@@ -83,6 +83,11 @@ class FeatureDistillLoss(DistillLoss, abc.ABC):
             teacher_paths = student_paths
         else:
             teacher_paths = self.teacher_layers or default_paths(teacher, self.default_layers, self.teacher_key)
+        if len(student_paths) != len(teacher_paths) and not (self.student_layers or self.teacher_layers):
+            # default stages of models of different depth: pair them from the output side, where
+            # the resolutions agree (a 2-stage student and a 3-stage teacher: the last two of each)
+            n = min(len(student_paths), len(teacher_paths))
+            student_paths, teacher_paths = student_paths[-n:], teacher_paths[-n:]
         if len(student_paths) != len(teacher_paths):
             raise ConfigError(
                 f"{self.student_key} and {self.teacher_key} must pair up, got {len(student_paths)} student layers "
