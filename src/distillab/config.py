@@ -381,6 +381,8 @@ class TrainerSchema:
         _require(self.accelerator in ACCELERATORS, "accelerator", self.accelerator, f"one of {', '.join(ACCELERATORS)}")
         _require(str(self.precision) in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "an integer >= 1")
+        _require(not (self.sync_batchnorm and self.accelerator == "cpu"), "sync_batchnorm", self.sync_batchnorm,
+                 "false with accelerator=cpu (torch's SyncBatchNorm runs on GPUs only)")
         _require(self.log_every_n_steps >= 1, "log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
         _require(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", self.accumulate_grad_batches,
                  "an integer >= 1")

@@ -173,6 +173,11 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         best_epoch = restore_best(module, trainer)
         timing["student"] = time.perf_counter() - tick
 
+    if not _is_rank_zero():
+        # a rank of a job launched once per device (torchrun, srun) has done its share, the
+        # distributed fit; compression, measurement and results.json are rank 0's
+        log.info("rank %d: training done; rank 0 compresses, measures and writes results", _rank())
+        return {"status": "ok", "rank": _rank()}
     compressed = None
     if compress_target(cfg) is not None:
         tick = time.perf_counter()
@@ -187,10 +192,9 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         record["student"]["extra_params"] = sum(p.numel() for p in loss.parameters())
     record["timing_s"] = {**{k: round(v, 3) for k, v in timing.items()},
                           "total": round(time.perf_counter() - start, 3)}
-    if _is_rank_zero():
-        path = results.write(out, record)
-        log.info("\n%s", summary_table(record))
-        log.info("results written to %s", path)
+    path = results.write(out, record)
+    log.info("\n%s", summary_table(record))
+    log.info("results written to %s", path)
     loggers.finish(run_loggers, _flatten(record))
     return record
 
@@ -268,7 +272,9 @@ def finetune_with_teacher(
     module = DistillationModule(model, teacher, loss,
                                 optimizer=instantiate(cfg.optim.optimizer))
     hooks = [_EpochStart(on_epoch_start)] if on_epoch_start is not None else []
-    trainer = make_trainer(cfg, [], None, epochs, extra=hooks)
+    # in one process: a pruning schedule's closure and QAT observers cannot be sent to spawned
+    # DDP workers, and fine-tuning is short
+    trainer = make_trainer(cfg, [], None, epochs, extra=hooks, single_process=True)
     module.train()  # Lightning keeps the mode it is given; the model arrives in eval mode
     trainer.fit(module, datamodule=data)
     model.cpu().eval()
@@ -309,10 +315,12 @@ def _scheduler(optim: DictConfig) -> Any:
 
 
 def make_trainer(
-    cfg: DictConfig, run_loggers: list, checkpoint_dir: Path | None, max_epochs: int, extra: list | None = None
+    cfg: DictConfig, run_loggers: list, checkpoint_dir: Path | None, max_epochs: int, extra: list | None = None,
+    single_process: bool = False,
 ) -> pl.Trainer:
     """A Trainer from ``cfg.trainer`` that keeps the checkpoint with the best validation
-    accuracy in ``checkpoint_dir`` (None: no checkpoint, the last epoch is the result)."""
+    accuracy in ``checkpoint_dir`` (None: no checkpoint, the last epoch is the result);
+    ``single_process``: on one device whatever the configured strategy."""
     show_progress = bool(cfg.trainer.enable_progress_bar)
     callbacks = [
         instantiate(conf)
@@ -341,6 +349,7 @@ def make_trainer(
         enable_checkpointing=checkpoint_dir is not None,
         default_root_dir=str(cfg.paths.output_dir),
         _convert_="all",
+        **(teachers.SINGLE_PROCESS if single_process else {}),
     )
 
 
@@ -561,10 +570,14 @@ def _sweep_group() -> str | None:
     return Path(hydra_cfg.sweep.dir).as_posix().replace("/", "-").strip("-.")
 
 
-def _is_rank_zero() -> bool:
+def _rank() -> int:
     from pytorch_lightning.utilities import rank_zero_only
 
-    return rank_zero_only.rank == 0
+    return int(rank_zero_only.rank)
+
+
+def _is_rank_zero() -> bool:
+    return _rank() == 0
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
