@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from distillab import measure, pipeline, results, teachers, zoo
-from distillab.config import ConfigError
+from distillab.config import STUDENT_ROLE_KEYS, ConfigError
 from distillab.data.synthetic import SyntheticDataModule
 from distillab.models import hub, resnet8
 from distillab.zoo import PUBLISHED_PARAMS
@@ -86,7 +86,9 @@ def test_every_zoo_entry_builds_as_teacher_and_student(name, tmp_path):
     cfg = compose_cfg([f"student={name}", f"teacher={name}"], tmp_path)
     # each role selects its zoo entry (the student unchanged); the teacher adds its recipe
     entry = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
-    assert OmegaConf.to_container(cfg.student, resolve=True) == entry
+    student_arch = {k: v for k, v in OmegaConf.to_container(cfg.student, resolve=True).items()
+                    if k not in STUDENT_ROLE_KEYS}
+    assert student_arch == entry and cfg.student.init is None and cfg.student.init_weight == 1.0
     teacher_arch = {k: v for k, v in cfg.teacher.items() if k not in teachers.ROLE_KEYS}
     assert teacher_arch.keys() == entry.keys() and teacher_arch["_target_"] == entry["_target_"]
     assert cfg.teacher.recipe.max_epochs >= 1

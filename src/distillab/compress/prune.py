@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from distillab import measure
 from distillab.compress import Compressed, Context
 from distillab.config import ConfigError
+from distillab.distill.labels import labelled_cross_entropy
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 UNSTRUCTURED_FORMAT = "distillab.prune_unstructured/1"
@@ -456,7 +456,7 @@ def _taylor_gradients(model: nn.Module, context: Context) -> None:
     model.zero_grad(set_to_none=True)
     seen = 0
     for x, y, _ in context.train_batches():
-        F.cross_entropy(model(x), y).backward()
+        labelled_cross_entropy(model(x), y).backward()  # hidden labels (-1) left out
         seen += 1
         if seen == TAYLOR_BATCHES:
             break

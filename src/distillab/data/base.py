@@ -19,6 +19,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
+from distillab.distill.labels import hide_labels, labelled_subset
+
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,11 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
 
     The split depends on ``split_seed`` only, not on the run's ``seed``, so every seed of a
     sweep (and the cached teacher) sees the same train/val/test samples.
+
+    ``labelled_fraction`` < 1 keeps the labels of that share of the training split only (a
+    stratified subset drawn with ``split_seed``, see ``distill.labels.labelled_subset``): the
+    training loader then yields ``UNLABELLED`` targets for the others. ``labelled(fraction)``
+    serves another share for a while (the teacher trains on all labels by default).
     """
 
     name = "in_memory"
@@ -90,11 +97,17 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         normalize: bool = True,
+        labelled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0 < labelled_fraction <= 1:
+            raise ValueError(f"labelled_fraction={labelled_fraction!r}: must be a fraction in (0, 1]")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.normalize = split_seed, normalize
+        self.labelled_fraction = float(labelled_fraction)
+        self._serving_fraction = self.labelled_fraction  # the share of labels the train loader yields now
+        self._labelled_masks: dict[float, Tensor] = {}
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.shuffle_seed = 0
         self.use_augment = True  # datasets with an `augment` option set it from there
@@ -163,6 +176,24 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         finally:
             self.use_augment = saved
 
+    def labelled_mask(self, fraction: float | None = None) -> Tensor:
+        """Which training samples keep their label at ``fraction`` (None: ``labelled_fraction``)."""
+        fraction = self.labelled_fraction if fraction is None else float(fraction)
+        if fraction not in self._labelled_masks:
+            self._labelled_masks[fraction] = labelled_subset(self.splits["train"][1], fraction, self.split_seed)
+        return self._labelled_masks[fraction]
+
+    @contextlib.contextmanager
+    def labelled(self, fraction: float | None) -> Iterator[None]:
+        """Serve the labels of ``fraction`` of the training split for a while (None: all of them):
+        the teacher learns from the full labelled set while the student sees ``labelled_fraction``."""
+        saved = self._serving_fraction
+        self._serving_fraction = 1.0 if fraction is None else float(fraction)
+        try:
+            yield
+        finally:
+            self._serving_fraction = saved
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.splits["train"][0].shape[1:])
@@ -183,6 +214,8 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
 
     def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
         x, y = self.splits[split]
+        if split == "train" and self._serving_fraction < 1:
+            y = hide_labels(y, self.labelled_mask(self._serving_fraction))
         rank, world = self._distributed() if shuffle else (0, 1)
         return TensorBatches(x, y, batch_size, shuffle, self.shuffle_seed, rank=rank, world_size=world)
 
@@ -201,6 +234,13 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
             f"{self.name}: {sum(sizes.values())} samples, input {self.input_shape}, "
             f"{self.num_classes} classes; split train/val/test = "
             f"{sizes['train']}/{sizes['val']}/{sizes['test']} (split_seed={self.split_seed})"
+            + self._describe_labels()
         )
+
+    def _describe_labels(self) -> str:
+        if self.labelled_fraction >= 1:
+            return ""
+        count, total = int(self.labelled_mask().sum()), self.split_sizes["train"]
+        return f"; labels for {count} of {total} training samples (labelled_fraction={self.labelled_fraction:g})"
 
 

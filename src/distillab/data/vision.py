@@ -140,8 +140,10 @@ class VisionDataModule(InMemoryDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         split_seed: int = 0,
+        labelled_fraction: float = 1.0,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, split_seed=split_seed)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, split_seed=split_seed,
+                         labelled_fraction=labelled_fraction)
         if int(val_size) < 1:
             raise ConfigError(f"val_size={val_size!r} is not allowed: an integer >= 1")
         if int(max_shift) < 0:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillab.distill.labels import labelled_cross_entropy
+
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch."""
@@ -32,10 +34,11 @@ def kd_terms(
 
     ``ce`` is (1 − λ)·CE(y, s) and ``kd`` is λ·T²·KL(softmax(t/T) ‖ softmax(s/T)); the T²
     keeps the soft-target gradients on the same scale as the hard-target ones when T changes.
-    A term whose weight is zero is not computed (so λ = 1 needs no labels).
+    A term whose weight is zero is not computed (so λ = 1 needs no labels). CE averages over
+    the labelled samples only (targets ``UNLABELLED`` have none), KL over all of them.
     """
     zero = student_logits.new_zeros(())
-    ce = (1.0 - lam) * F.cross_entropy(student_logits, targets) if lam < 1 else zero
+    ce = (1.0 - lam) * labelled_cross_entropy(student_logits, targets) if lam < 1 else zero
     kd = lam * temperature**2 * soft_kl(student_logits, teacher_logits.detach(), temperature) if lam > 0 else zero
     return {"ce": ce, "kd": kd}
 
@@ -93,14 +96,15 @@ class DistillLoss(nn.Module):
 
 
 class CrossEntropy(DistillLoss):
-    """No distillation: the student trains on labels alone (``distill=none``)."""
+    """No distillation: the student trains on labels alone (``distill=none``), on the labelled
+    samples only when ``data.labelled_fraction`` < 1."""
 
     needs_teacher = False
     method = "none"
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
                 student_feats: Sequence[Tensor] = (), teacher_feats: Sequence[Tensor] = ()) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student_logits, targets)
+        ce = labelled_cross_entropy(student_logits, targets)
         return {"ce": ce, "loss": ce}
 
 
