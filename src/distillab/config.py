@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads typing.List / Optional
+from typing import Any, ClassVar, List, Optional  # noqa: UP035 - OmegaConf reads typing.List / Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import Container, DictConfig, OmegaConf
@@ -37,10 +37,15 @@ class InMemoryDataSchema:
     test_fraction: float = 0.15
     split_seed: int = 0
     normalize: bool = True
+    # the share of the training split whose labels the student sees; the rest it learns from
+    # the teacher's soft targets alone (val and test keep all labels)
+    labelled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _require(0 < self.labelled_fraction <= 1, "labelled_fraction", self.labelled_fraction,
+                 "a fraction in (0, 1] of the training labels the student sees (1 = all)")
         for key in ("val_fraction", "test_fraction"):
             value = getattr(self, key)
             _require(0 < value < 1, key, value, "a fraction in (0, 1)")
@@ -80,8 +85,11 @@ class VisionDataSchema:
     batch_size: int = 128
     eval_batch_size: int = 1000
     split_seed: int = 0
+    labelled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        _require(0 < self.labelled_fraction <= 1, "labelled_fraction", self.labelled_fraction,
+                 "a fraction in (0, 1] of the training labels the student sees (1 = all)")
         _require(self.val_size >= 1, "val_size", self.val_size, "an integer >= 1 (samples taken from the training set)")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
@@ -324,6 +332,33 @@ class ChainSchema:
         _require(len(self.steps) >= 2, "steps", self.steps, "a list of at least two method configs")
 
 
+# -- student role -----------------------------------------------------------------------------
+STUDENT_INITS = ("from_teacher",)
+
+
+@dataclass
+class StudentRoleSchema:
+    """The student's role keys, beside its architecture's (``conf/student/*.yaml`` merge both).
+
+    ``init: from_teacher`` starts the student from the teacher's weights where the shapes match
+    (``distill.transfer``), interpolated as init_weight·θ_teacher + (1 − init_weight)·θ_init.
+    """
+
+    # the node also holds the architecture's keys, which its constructor checks
+    open_keys: ClassVar[bool] = True
+    init: Optional[str] = None  # noqa: UP045 - OmegaConf reads typing.Optional
+    init_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.init is None or self.init in STUDENT_INITS, "init", self.init,
+                 f"null or {' or '.join(STUDENT_INITS)}")
+        _require(0 <= self.init_weight <= 1, "init_weight", self.init_weight,
+                 "a weight in [0, 1] of the teacher's tensors (1 = copy them)")
+
+
+STUDENT_ROLE_KEYS = tuple(f.name for f in dataclasses.fields(StudentRoleSchema))
+
+
 # -- teacher recipe ---------------------------------------------------------------------------
 @dataclass
 class TeacherRecipeSchema:
@@ -332,9 +367,14 @@ class TeacherRecipeSchema:
     optim: Any = None
     # training-batch augmentation for the teacher only; null: as the data config says
     augment: bool | None = None
+    # the share of the training labels the teacher trains on; null: all of them, whatever
+    # data.labelled_fraction gives the student
+    labelled_fraction: Optional[float] = None  # noqa: UP045
 
     def __post_init__(self) -> None:
         _require(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
+        _require(self.labelled_fraction is None or 0 < self.labelled_fraction <= 1, "labelled_fraction",
+                 self.labelled_fraction, "a fraction in (0, 1] of the training labels, or null for all")
 
 
 # -- trainer ----------------------------------------------------------------------------------
@@ -408,6 +448,7 @@ SCHEMAS = {
                  "prune_structured": PruneStructuredSchema, "quant_dynamic": QuantDynamicSchema,
                  "quant_static": QuantStaticSchema, "qat": QATSchema, "chain": ChainSchema},
     "teacher": {"recipe": TeacherRecipeSchema},
+    "student": {"role": StudentRoleSchema},
     "trainer": {"default": TrainerSchema},
     "measure": {"default": MeasureSchema},
 }
@@ -437,7 +478,7 @@ def validate(cfg: DictConfig) -> None:
     for path, node in _schema_nodes(cfg):
         schema = OmegaConf.get_type(node)
         allowed = [f.name for f in dataclasses.fields(schema)]
-        unknown = [key for key in node.keys() if key not in allowed]
+        unknown = [] if getattr(schema, "open_keys", False) else [key for key in node.keys() if key not in allowed]
         if unknown:
             raise ConfigError(
                 f"{path}.{unknown[0]} is not a known key; allowed keys of {path}: "

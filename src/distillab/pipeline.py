@@ -31,8 +31,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from distillab import compress, ensemble, loggers, measure, results, teachers
-from distillab.config import ConfigError, validate
+from distillab.config import STUDENT_ROLE_KEYS, ConfigError, validate
 from distillab.data.base import InMemoryDataModule
+from distillab.distill import transfer
 from distillab.distill.losses import CrossEntropy
 from distillab.distill.module import ClassifierModule, DistillationModule
 from distillab.evaluate import agreement, classification_metrics, predict
@@ -98,6 +99,7 @@ def prepare(cfg: DictConfig) -> Parts:
     data.shuffle_seed = int(cfg.seed)
     log.info("data %s", data.describe())
     _teacher_augmentation(data, cfg.teacher.recipe.get("augment"))
+    _teacher_labels(data, cfg.teacher.recipe.get("labelled_fraction"))
     student = build_model("student", cfg.student, data)
     # the teacher's initial weights depend on its own seed, never on the run's: the cache
     # key leaves the run seed out, so whichever sweep job trains it must get the same teacher
@@ -113,6 +115,7 @@ def prepare(cfg: DictConfig) -> Parts:
     # feature methods resolve their layers and build their regressors from one batch now, so a
     # wrong layer path or shape fails before any training
     loss.bind(student, teacher if loss.needs_teacher else None, _example(data))
+    check_transfer(cfg, student, teacher)
     if compress_target(cfg) is not None:
         check_compression(cfg, data, student if compress_target(cfg) == "student" else teacher)
     return Parts(data, student, teacher, loss, Path(cfg.paths.output_dir))
@@ -155,8 +158,10 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     timing = {"teacher": teacher.seconds, "student": 0.0, "compress": 0.0}
     run_loggers: list = []
     best_epoch = None
+    init = None
     # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
     if compress_target(cfg) != "teacher":
+        init = transfer_weights(cfg, student, teacher.model)
         # training a teacher (cache miss) consumed random numbers; a hit did not
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         tick = time.perf_counter()
@@ -190,6 +195,8 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     if "student" in record:
         # regressors and embeddings of feature methods train with the student but are not deployed
         record["student"]["extra_params"] = sum(p.numel() for p in loss.parameters())
+        if init is not None:
+            record["student"]["init"] = init
     record["timing_s"] = {**{k: round(v, 3) for k, v in timing.items()},
                           "total": round(time.perf_counter() - start, 3)}
     path = results.write(out, record)
@@ -216,6 +223,36 @@ def obtain_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule) 
              model.combine, [round(float(w), 4) for w in model.weights])
     return teachers.Teacher(model.eval(), key, cache, members[0].path, seconds=sum(m.seconds for m in members),
                             members=members, arch=ensemble.arch_name(model.names))
+
+
+def check_transfer(cfg: DictConfig, student: nn.Module, teacher: nn.Module) -> None:
+    """``student.init=from_teacher`` pairs tensors by the architectures alone, so a student that
+    shares no layer with the teacher fails here, on the untrained models, before any training."""
+    if cfg.student.get("init") is None or compress_target(cfg) == "teacher":
+        return
+    if isinstance(teacher, ensemble.Ensemble):
+        raise ConfigError("student.init=from_teacher takes the weights of one teacher, not of an ensemble "
+                          "(teachers=...): set student.init=null")
+    try:
+        transfer.plan(student, teacher, _arch_names(cfg))
+    except transfer.NoMatchingTensors as error:
+        raise ConfigError(f"student.init=from_teacher: {error}") from None
+
+
+def transfer_weights(cfg: DictConfig, student: nn.Module, teacher: nn.Module) -> dict[str, Any] | None:
+    """Step 3b: start the student from the trained teacher's matching tensors
+    (``student.init=from_teacher``, see ``distill.transfer``); the ``student.init`` record."""
+    if cfg.student.get("init") is None:
+        return None
+    weight = float(cfg.student.init_weight)
+    report = transfer.init_from_teacher(student, teacher, weight, _arch_names(cfg))
+    log.info("student.init=from_teacher: %d of %d student tensors from the teacher (init_weight=%g)",
+             len(report.copied), len(report.copied) + len(report.kept), weight)
+    return report.as_record()
+
+
+def _arch_names(cfg: DictConfig) -> tuple[str, str]:
+    return teachers.arch_name(cfg.student), teachers.arch_name(cfg.teacher)
 
 
 def compress_target(cfg: DictConfig) -> str | None:
@@ -303,7 +340,7 @@ def _build(key: str, node: DictConfig, **kwargs: Any) -> Any:
 
 def build_model(role: str, node: DictConfig, data: InMemoryDataModule) -> nn.Module:
     """Instantiate an architecture with the input shape and class count of ``data``."""
-    role_keys = teachers.ROLE_KEYS if role == "teacher" else ()
+    role_keys = teachers.ROLE_KEYS if role == "teacher" else STUDENT_ROLE_KEYS
     arch = OmegaConf.create({k: v for k, v in node.items() if k not in role_keys})
     return _build(role, arch, input_shape=data.input_shape, num_classes=data.num_classes)
 
@@ -372,7 +409,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, data: InMemoryDataModule, s
     )
     run_loggers = loggers.build(cfg, role, _sweep_group())
     trainer = make_trainer(cfg, run_loggers, staging / "checkpoints", recipe.max_epochs)
-    with _teacher_augmentation(data, recipe.get("augment")):
+    with _teacher_augmentation(data, recipe.get("augment")), _teacher_labels(data, recipe.get("labelled_fraction")):
         trainer.fit(module, datamodule=data)
     best_epoch = restore_best(module, trainer)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
@@ -393,6 +430,24 @@ def _teacher_augmentation(data: Any, augment: bool | None) -> contextlib.Abstrac
         raise ConfigError(f"teacher.recipe.augment={augment} needs a datamodule with an augmentation() switch "
                           f"(distillab.data.InMemoryDataModule); {type(data).__name__} has none: set it to null")
     return data.augmentation(augment)
+
+
+def _teacher_labels(data: Any, fraction: float | None) -> contextlib.AbstractContextManager:
+    """The teacher recipe's share of training labels (None: all of them, whatever the student
+    sees), checked in ``prepare`` before any training."""
+    if hasattr(data, "labelled"):
+        return data.labelled(fraction)
+    if fraction is None:
+        return contextlib.nullcontext()
+    raise ConfigError(f"teacher.recipe.labelled_fraction={fraction} needs a datamodule with a labelled() switch "
+                      f"(distillab.data.InMemoryDataModule); {type(data).__name__} has none: set it to null")
+
+
+def labelled_share(data: Any) -> dict[str, Any]:
+    """``data.labelled_fraction`` and how many training samples kept their label for the student."""
+    if not hasattr(data, "labelled_mask"):
+        return {"labelled_fraction": 1.0, "labelled_samples": None}
+    return {"labelled_fraction": data.labelled_fraction, "labelled_samples": int(data.labelled_mask().sum())}
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -425,6 +480,7 @@ def assemble(
         "overrides": overrides,
         "seed": int(cfg.seed),
         "dataset": data.name,
+        **labelled_share(data),
         "method": method if student is not None else "none",
         "compress": str(cfg.compress.method),
         "teacher": teacher_block,

@@ -64,11 +64,16 @@ def arch_name(model_cfg: DictConfig) -> str:
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """What determines the trained teacher; display and speed settings are left out."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("eval_batch_size",):
+    # the student's share of labels is not the teacher's: that is teacher.recipe.labelled_fraction
+    for key in ("eval_batch_size", "labelled_fraction"):
         data.pop(key, None)
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    recipe = teacher.get("recipe") or {}
+    if "labelled_fraction" in recipe and recipe["labelled_fraction"] is None:
+        del recipe["labelled_fraction"]  # all labels, as before the option existed: earlier cache entries still hit
     return {
         "data": data,
-        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "teacher": teacher,
         "precision": str(cfg.trainer.precision),
         "format": 1,
     }

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from distillab.distill.hooks import FeatureTaps
+from distillab.distill.labels import UNLABELLED
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler
@@ -38,13 +39,15 @@ class _EpochTotals:
     """One epoch's step values of one stage (train or val), kept on the device.
 
     A step appends one stacked tensor of its loss terms and its count of correct predictions;
-    the batch-size-weighted means are computed once, at the end of the epoch.
+    the batch-size-weighted means are computed once, at the end of the epoch. Accuracy is over
+    the labelled samples (an ``UNLABELLED`` target is never a correct prediction).
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.rows: list[Tensor] = []
         self.correct: list[Tensor] = []
+        self.labelled: list[Tensor] = []
         self.counts: list[int] = []
         self.checked = 0  # rows already checked for NaN/inf
 
@@ -54,6 +57,7 @@ class _EpochTotals:
         with torch.no_grad():
             self.rows.append(torch.stack(list(terms.values())))
             self.correct.append((logits.argmax(dim=1) == y).sum())
+            self.labelled.append((y != UNLABELLED).sum())
         self.counts.append(len(y))
 
     def unchecked_sum(self, name: str) -> Tensor | None:
@@ -68,7 +72,7 @@ class _EpochTotals:
         weights = torch.tensor(self.counts, dtype=rows.dtype, device=rows.device)
         count = sum(self.counts)
         means = dict(zip((f"{stage}/{name}" for name in self.names), (weights @ rows / count).unbind()))
-        means[f"{stage}/acc"] = torch.stack(self.correct).sum().float() / count
+        means[f"{stage}/acc"] = torch.stack(self.correct).sum().float() / torch.stack(self.labelled).sum().clamp_min(1)
         return means
 
 
