@@ -428,6 +428,30 @@ class TrainerSchema:
                  "an integer >= 1")
 
 
+# -- cached teacher outputs -------------------------------------------------------------------
+TEACHER_OUTPUT_CACHE = ("auto", "cached", "live")
+TEACHER_OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class TeacherOutputsSchema:
+    """Whether the student reads the teacher's logits from a table computed once (``cached``),
+    runs the teacher at every step (``live``), or the run chooses (``auto``: cached when the
+    training inputs are not augmented and the loss reads only logits); see
+    ``distill.teacher_outputs``. ``dtype`` and ``top_k`` shrink the stored table (float32 with
+    all logits is exact; float16, bfloat16 and top-k are approximations)."""
+
+    cache: str = "auto"
+    dtype: str = "float32"
+    top_k: Optional[int] = None  # noqa: UP045 - OmegaConf reads typing.Optional
+
+    def __post_init__(self) -> None:
+        _require(self.cache in TEACHER_OUTPUT_CACHE, "cache", self.cache, ", ".join(TEACHER_OUTPUT_CACHE))
+        _require(self.dtype in TEACHER_OUTPUT_DTYPES, "dtype", self.dtype, ", ".join(TEACHER_OUTPUT_DTYPES))
+        _require(self.top_k is None or self.top_k >= 1, "top_k", self.top_k,
+                 "an integer >= 1 (the largest logits kept per sample), or null for all")
+
+
 @dataclass
 class MeasureSchema:
     threads: int | None = 1
@@ -451,6 +475,7 @@ SCHEMAS = {
     "student": {"role": StudentRoleSchema},
     "trainer": {"default": TrainerSchema},
     "measure": {"default": MeasureSchema},
+    "teacher_outputs": {"default": TeacherOutputsSchema},
 }
 
 

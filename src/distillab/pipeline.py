@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from distillab import compress, ensemble, loggers, measure, results, teachers
 from distillab.config import STUDENT_ROLE_KEYS, ConfigError, validate
 from distillab.data.base import InMemoryDataModule
-from distillab.distill import transfer
+from distillab.distill import teacher_outputs, transfer
 from distillab.distill.losses import CrossEntropy
 from distillab.distill.module import ClassifierModule, DistillationModule
 from distillab.evaluate import agreement, classification_metrics, predict
@@ -115,6 +115,7 @@ def prepare(cfg: DictConfig) -> Parts:
     # feature methods resolve their layers and build their regressors from one batch now, so a
     # wrong layer path or shape fails before any training
     loss.bind(student, teacher if loss.needs_teacher else None, _example(data))
+    teacher_outputs.check(cfg, data, loss)
     check_transfer(cfg, student, teacher)
     if compress_target(cfg) is not None:
         check_compression(cfg, data, student if compress_target(cfg) == "student" else teacher)
@@ -159,16 +160,21 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     run_loggers: list = []
     best_epoch = None
     init = None
+    outputs = teacher_outputs.TeacherOutputs("none", "no student is trained")
     # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
     if compress_target(cfg) != "teacher":
         init = transfer_weights(cfg, student, teacher.model)
+        # the teacher's logits of every training sample, once, when they cannot change (see teacher_outputs)
+        outputs = teacher_outputs.for_run(cfg, teacher, data, loss)
+        timing["teacher"] += outputs.seconds
         # training a teacher (cache miss) consumed random numbers; a hit did not
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         tick = time.perf_counter()
         module = DistillationModule(
             student,
-            teacher.model if loss.needs_teacher else None,
+            teacher.model if loss.needs_teacher and outputs.table is None else None,
             loss,
+            teacher_table=outputs.table,
             optimizer=instantiate(cfg.optim.optimizer),
             scheduler=_scheduler(cfg.optim),
         )
@@ -191,7 +197,7 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         timing["compress"] = time.perf_counter() - tick
 
     record = assemble(cfg, data, teacher, student if best_epoch is not None else None, best_epoch, loss.method,
-                      compressed)
+                      compressed, outputs=outputs.mode)
     if "student" in record:
         # regressors and embeddings of feature methods train with the student but are not deployed
         record["student"]["extra_params"] = sum(p.numel() for p in loss.parameters())
@@ -459,8 +465,10 @@ def assemble(
     best_epoch: int | None,
     method: str,
     compressed: CompressedRun | None,
+    outputs: str = "none",
 ) -> dict[str, Any]:
-    """Evaluate every model on the test split (once, for the chosen checkpoints) and measure it."""
+    """Evaluate every model on the test split (once, for the chosen checkpoints) and measure it;
+    ``outputs``: how the student got the teacher's logits (cached, live, or none)."""
     how = {"threads": cfg.measure.threads, "warmup": cfg.measure.warmup, "repeats": cfg.measure.repeats}
     device = device_of(teacher.model)
     teacher_preds, targets = predict(teacher.model, data.test_dataloader(), device)
@@ -470,6 +478,7 @@ def assemble(
         **measure.profile(teacher.model, data.input_shape, **how),
         "cache": teacher.cache,
         "cache_key": teacher.key,
+        "outputs": outputs,
         "test": teacher_test,
     }
     overrides = _overrides()

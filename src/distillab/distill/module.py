@@ -223,11 +223,15 @@ class DistillationModule(ClassifierModule):
     so its BatchNorm statistics and dropout never change during the fit.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss: nn.Module,
+                 teacher_table: Tensor | None = None, **kwargs: Any) -> None:
         super().__init__(model=student, loss=loss, **kwargs)
-        if getattr(loss, "needs_teacher", False) and teacher is None:
+        if getattr(loss, "needs_teacher", False) and teacher is None and teacher_table is None:
             raise ValueError(f"{type(loss).__name__} needs a teacher, but none was given")
         object.__setattr__(self, "_teacher", teacher)
+        # the teacher's logits for every training sample (distill.teacher_outputs): row i is
+        # sample i of the train split; not a buffer, so DDP never broadcasts it at each step
+        object.__setattr__(self, "_teacher_table", teacher_table)
         object.__setattr__(self, "_taps", None)
         self._freeze_teacher()
 
@@ -256,10 +260,18 @@ class DistillationModule(ClassifierModule):
         super()._apply(fn, *args, **kwargs)
         if self._teacher is not None:
             self._teacher._apply(fn, *args, **kwargs)
+        if self._teacher_table is not None:
+            object.__setattr__(self, "_teacher_table", fn(self._teacher_table))
         return self
 
     def teacher_logits(self, x: Tensor, index: Tensor | None) -> Tensor | None:
-        if self._teacher is None or not getattr(self.loss, "needs_teacher", False):
+        if not getattr(self.loss, "needs_teacher", False):
+            return None
+        if self._teacher_table is not None:  # cached outputs: the teacher is not run
+            if index is None:
+                raise ValueError("a teacher_table needs (x, y, index) training batches, index = the sample's row")
+            return self._teacher_table[index]
+        if self._teacher is None:
             return None
         with torch.no_grad():
             return self._teacher(x)
