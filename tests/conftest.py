@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # small enough to finish in seconds, large enough for the digits models to learn
 FAST = [
+    "num_threads=1",  # tiny models: one thread is fastest, and parallel test runs do not oversubscribe
     "trainer.max_epochs=3",
     "teacher.recipe.max_epochs=3",
     "trainer.enable_progress_bar=false",

@@ -1,13 +1,17 @@
 """wandb without an account: the run is logged offline, and the offline files hold the
-resolved config, the final results in the summary, and teacher/student job types."""
+resolved config, the final results in the summary, and teacher/student job types. A sweep's
+runs share a group and carry their overrides as tags; one summary run holds the sweep's table
+and plot."""
 
+import csv
 import json
 import struct
 from pathlib import Path
 
 import pytest
 
-from distillab import pipeline
+from distillab import loggers, pipeline, report
+from tests.conftest import FAST, run_train
 
 BLOCK = 32768
 HEADER = 7  # ":W&B" + 2-byte magic + 1-byte version; each chunk: crc32, length, type
@@ -41,17 +45,35 @@ def read_wandb_records(path: Path) -> list:
 
 
 def summarize_run(path: Path) -> dict:
-    info = {"config": {}, "summary": {}, "job_type": None, "group": None}
+    info = {"config": {}, "summary": {}, "job_type": None, "group": None, "tags": []}
     for record in read_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             info["job_type"], info["group"] = record.run.job_type, record.run.run_group
+            info["tags"] = list(record.run.tags)
             info["config"].update({u.key: json.loads(u.value_json) for u in record.run.config.update})
         elif kind == "config":
             info["config"].update({u.key: json.loads(u.value_json) for u in record.config.update})
         elif kind == "summary":
             info["summary"].update({u.key: json.loads(u.value_json) for u in record.summary.update})
     return info
+
+
+def history_of(path: Path) -> list[dict]:
+    """The logged steps of a run, as nested dicts (media are logged as ``{"_type": ..., "path": ...}``)."""
+    steps = []
+    for record in read_wandb_records(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        step: dict = {}
+        for item in record.history.item:
+            *parents, leaf = list(item.nested_key) or [item.key]
+            node = step
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = json.loads(item.value_json)
+        steps.append(step)
+    return steps
 
 
 @pytest.fixture
@@ -91,3 +113,49 @@ def test_offline_is_detected_from_the_environment(monkeypatch, tmp_path):
     assert loggers.wandb_api_key_present()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert loggers.wandb_api_key_present()
+
+
+def test_override_tags_are_short_and_leave_out_folders():
+    overrides = ["distill=kd", "seed=1", "+distill.extra=1", "paths.cache_dir=/x", "hydra.sweep.dir=/y",
+                 "logger=wandb", "distill=kd", "student.hidden=[" + ",".join(["128"] * 20) + "]"]
+    tags = loggers.override_tags(overrides)
+    assert tags[:3] == ["distill=kd", "seed=1", "distill.extra=1"] and len(tags) == 4
+    assert tags[3].startswith("student.hidden=[128,") and len(tags[3]) == loggers.TAG_LENGTH
+
+
+@pytest.mark.parametrize("logger, expected", [("wandb", True), ("csv", False), ("none", False)])
+def test_the_summary_run_is_only_for_sweeps_that_log_to_wandb(make_cfg, logger, expected):
+    assert loggers.uses_wandb(make_cfg(f"logger={logger}")) is expected
+
+
+def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, no_wandb_account):
+    sweep = tmp_path / "sweep"
+    fast = [o for o in FAST if not o.startswith("logger=")]
+    result = run_train(["-m", "seed=0,1", "distill=kd", "logger=wandb", *fast, "trainer.max_epochs=2",
+                        "teacher.recipe.max_epochs=2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    group = loggers.sweep_group(sweep)
+    for job, roles in (("0", ["teacher", "student"]), ("1", ["student"])):
+        runs = [summarize_run(p) for p in sorted((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))]
+        assert [run["job_type"] for run in runs] == roles
+        for run in runs:
+            assert run["group"] == group
+            assert {f"seed={job}", "distill=kd", "trainer.max_epochs=2"} <= set(run["tags"])
+            assert not any(tag.startswith(("paths.", "hydra.", "logger")) for tag in run["tags"])
+
+    [path] = (sweep / "wandb").glob("offline-run-*/run-*.wandb")
+    summary = summarize_run(path)
+    assert (summary["job_type"], summary["group"]) == ("sweep-summary", group)
+    [step] = history_of(path)
+    files = path.parent / "files"
+    table, image = step["summary"], step["accuracy_vs_params"]
+    assert (table["_type"], image["_type"]) == ("table-file", "image-file")
+    logged = json.loads((files / table["path"]).read_text())
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert logged["columns"] == report.COLUMNS and len(logged["data"]) == len(rows) == 2
+    index = {name: i for i, name in enumerate(logged["columns"])}
+    for logged_row, row in zip(logged["data"], rows):
+        assert logged_row[index["role"]] == row["role"] and logged_row[index["n_seeds"]] == int(row["n_seeds"])
+        assert logged_row[index["acc_mean"]] == pytest.approx(float(row["acc_mean"]))
+    assert (files / image["path"]).read_bytes() == (sweep / "accuracy_vs_params.png").read_bytes()
+    assert "wandb sync" in result.stdout + result.stderr

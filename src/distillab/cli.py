@@ -8,6 +8,7 @@ allowed, with exit code 2 and nothing written.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -37,11 +39,7 @@ def override_variants(overrides: list[str]) -> Iterable[list[str]]:
     for override, text in zip(parsed, overrides):
         key = override.get_key_element()
         if override.is_sweep_override():
-            try:
-                values = [f"{key}={value}" for value in override.sweep_string_iterator()]
-            except Exception:  # noqa: BLE001 - interval sweeps (optuna) have no finite values
-                values = []
-            choices.append(values)
+            choices.append([f"{key}={value}" for value in _sweep_values(override)])
         else:
             choices.append([text])
     base = [values[0] for values in choices if values]
@@ -53,6 +51,18 @@ def override_variants(overrides: list[str]) -> Iterable[list[str]]:
             yield variant
 
 
+def _sweep_values(override: Override) -> list[str]:
+    """The values to check of one sweep: each of a choice or a range, and both ends of an
+    interval (``interval(0,1)``, ``tag(log,interval(...))``), between which Optuna samples."""
+    if override.is_interval_sweep():
+        sweep = override.value()
+        return [repr(float(sweep.start)), repr(float(sweep.end))]
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - a sweep this check cannot enumerate is left to the sweeper
+        return []
+
+
 def explain(error: BaseException, overrides: list[str] | None = None) -> str:
     """One line naming the key at fault and what is allowed."""
     if isinstance(error, ConfigError):
@@ -61,7 +71,8 @@ def explain(error: BaseException, overrides: list[str] | None = None) -> str:
         group = (error.missing_cfg_file or "").rsplit("/", 1)
         name = group[-1]
         group_name = group[0] if len(group) > 1 else "config"
-        return f"{group_name}={name} is not an option; allowed: {', '.join(sorted(error.options))}"
+        hint = "; the Optuna sweeper comes with pip install -e \".[tune]\"" if name == "optuna" else ""
+        return f"{group_name}={name} is not an option; allowed: {', '.join(sorted(error.options))}{hint}"
     cause = error.__cause__ if isinstance(error, HydraException) and error.__cause__ else error
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         return f"{cause.full_key} is not a known key{_allowed_keys(cause.full_key, overrides or [])}"
@@ -106,12 +117,14 @@ def check(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = 
             raise ConfigError(explain(error, variant)) from None
 
 
-def run_job(cfg: DictConfig) -> float | None:
+def run_job(cfg: DictConfig) -> float:
     """One Hydra job: run it, and turn its failure into one line and an exit code.
 
     Bad input exits with 2 (nothing written); a failed run with 1, after its results.json
     recorded the error. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Returns the
-    student's validation accuracy, the objective a Hydra sweeper maximises.
+    objective a Hydra sweeper maximises (see ``objective``), -inf for a failed job of a sweep:
+    the Optuna sweeper (optuna 2.10) stops the whole study when told NaN, while -inf is recorded
+    as the worst trial and tuning goes on.
     """
     try:
         record = pipeline.run(cfg)
@@ -125,7 +138,19 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"error: run failed: {type(error).__name__}: {message} "
               "(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
-    return record.get("student", {}).get("val", {}).get("acc")
+    value = objective(record)
+    return float("-inf") if math.isnan(value) else value
+
+
+def objective(record: dict) -> float:
+    """The student's validation accuracy (the compressed model's when the teacher was compressed).
+
+    NaN, never None, when there is none (a failed job of a sweep): None is no number at all.
+    ``run_job`` hands a sweeper -inf instead: Optuna records it as the worst trial and goes on.
+    """
+    block = record.get("student") or record.get("compressed") or {}
+    value = (block.get("val") or {}).get("acc")
+    return float(value) if value is not None else float("nan")
 
 
 def check_command_line(argv: list[str] | None = None) -> None:

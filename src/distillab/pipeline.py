@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from distillab import compress, ensemble, loggers, measure, results, teachers
+from distillab import compress, ensemble, loggers, measure, results, resume, slots, teachers
 from distillab.config import STUDENT_ROLE_KEYS, ConfigError, validate
 from distillab.data.base import InMemoryDataModule
 from distillab.distill import teacher_outputs, transfer
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
 
     A bad configuration raises ``ConfigError`` before anything is written. A failure later
     (NaN loss, a crash) is recorded as ``status: failed`` with a one-line error; it is then
-    re-raised for a single run, and swallowed in a sweep so the other jobs go on.
+    re-raised for a single run, and swallowed in a sweep so the other jobs go on. A sweep job
+    whose folder already holds its complete result returns that record (``resume.start``).
     """
     if raise_on_failure is None:
         raise_on_failure = not _is_multirun()
@@ -74,6 +75,10 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
     out = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
+        slots.configure_job(cfg)  # threads and GPU slot of a job of a parallel (joblib) sweep
+        done = resume.start(cfg, out, sweep=_is_multirun())  # a resumed sweep skips finished jobs
+        if done is not None:
+            return done
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg.num_threads))
         # before any model is built: the student's initial weights depend on the seed only

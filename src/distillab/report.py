@@ -25,10 +25,11 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distillab.io import atomic_save, atomic_write_text
 
@@ -327,10 +328,33 @@ def _problem_lines(records: list[dict]) -> list[str]:
         if record["status"] == "ok":
             continue
         where = f" (`{record['path']}`)" if record["status"] == "unreadable" else ""
-        lines.append(f"- `{record['job']}` **{record['status']}**{where}: {record['error']}")
+        overrides = job_overrides(record)
+        settings = f" `{' '.join(overrides)}`" if overrides else ""
+        lines.append(f"- `{record['job']}` **{record['status']}**{settings}{where}: {record['error']}")
     if lines:
         return lines
     return ["None: every job finished with status ok." if records else "None: no job folders yet."]
+
+
+def job_overrides(record: dict[str, Any]) -> list[str]:
+    """The overrides of a job: from its results.json, else from Hydra's ``.hydra/overrides.yaml``
+    (a killed job wrote no results), so a problem job can be found and run again by hand."""
+    overrides = record["results"].get("overrides")
+    if isinstance(overrides, list):
+        return [str(o) for o in overrides]
+    folder = Path(record["path"])
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        stored = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    except Exception:  # noqa: BLE001 - no folder, no file or bad YAML: the listing goes without them
+        return []
+    return [str(o) for o in stored] if isinstance(stored, ListConfig) else []
+
+
+def problem_summary(records: list[dict[str, Any]]) -> list[str]:
+    """One plain line per job that is not ok: folder, status, overrides and error."""
+    return [f"job {r['job']} {r['status']} ({' '.join(job_overrides(r)) or 'no overrides'}): {r['error']}"
+            for r in records if r["status"] != "ok"]
 
 
 def _table(header: list[str], body: list[list[Any]]) -> list[str]:
@@ -423,24 +447,170 @@ def _plot_teachers(ax: Any, rows: list[dict], key: str) -> None:
             ax.plot([0.97], [acc], transform=ax.get_yaxis_transform(), clip_on=False, **style)
 
 
+# -- tuning trials (Optuna sweeps) ------------------------------------------------------------
+OPTUNA_RESULTS = "optimization_results.yaml"  # written by the sweeper itself
+BEST_TRIAL_FILE = "best_trial.yaml"
+
+
+def tuning(sweep_dir: str | os.PathLike, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trials of an Optuna sweep (``hydra/sweeper=optuna``, e.g. ``sweep=tune_kd``) and the
+    best one; None for any other sweep.
+
+    A trial's objective is what ``cli.objective`` returned to the sweeper: the student's
+    validation accuracy. Its test accuracy is carried along to be reported, never to choose.
+    Ties go to the earlier trial, as in Optuna. Returns ``direction``, ``params`` (the searched
+    keys), ``trials`` (one dict per job, in job order) and ``best`` (one of them, or None).
+    """
+    root = Path(sweep_dir)
+    sweeper = _sweeper_config(root, records)
+    if sweeper is None or "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return None
+    direction = str(sweeper.get("direction") or "maximize")
+    names = _search_space(root, sweeper)
+    trials = [_trial(root, record, names) for record in records]
+    scored = [trial for trial in trials if trial["status"] == "ok" and trial["val_acc"] is not None]
+    pick = min if direction == "minimize" else max
+    best = pick(scored, key=lambda trial: trial["val_acc"]) if scored else None
+    return {"direction": direction, "params": names, "trials": trials, "best": best}
+
+
+def _sweeper_config(root: Path, records: list[dict[str, Any]]) -> dict | None:
+    """``hydra.sweeper`` as the first job saved it in ``.hydra/hydra.yaml``."""
+    for record in records:
+        path = root / record["job"] / ".hydra" / "hydra.yaml"
+        if path.is_file():
+            try:
+                sweeper = OmegaConf.to_container(OmegaConf.load(path).hydra.sweeper, resolve=False)
+            except Exception:  # noqa: BLE001 - unreadable: the report goes without trials
+                return None
+            return sweeper if isinstance(sweeper, dict) else None
+    return None
+
+
+def _search_space(root: Path, sweeper: dict) -> list[str]:
+    """The searched keys: those the sweeper's own results name once the study has ended (they
+    include a search space given on the command line, and leave out a key fixed there), else
+    the sweeper's ``params`` that are sweeps."""
+    try:
+        best_params = OmegaConf.to_container(OmegaConf.load(root / OPTUNA_RESULTS)).get("best_params")
+    except Exception:  # noqa: BLE001 - absent until the study ends
+        best_params = None
+    if isinstance(best_params, dict) and best_params:
+        return [str(key) for key in best_params]
+    parser = OverridesParser.create()
+    names = []
+    for key, value in (sweeper.get("params") or {}).items():
+        try:
+            if parser.parse_override(f"{key}={value}").is_sweep_override():
+                names.append(str(key))
+        except Exception:  # noqa: BLE001 - not an override the parser knows: not a searched key
+            continue
+    return names
+
+
+def _trial(root: Path, record: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    overrides = job_overrides(record)
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    results = record["results"]
+    model = results.get("student") or results.get("compressed") or {}  # as cli.objective
+    return {
+        "trial": record["job"], "job_dir": str((root / record["job"]).resolve()), "status": record["status"],
+        "params": {name: _scalar(values.get(name)) for name in names}, "overrides": overrides,
+        "val_acc": _finite(_dig(model, "val", "acc")), "test_acc": _finite(_dig(model, "test", "acc")),
+    }
+
+
+def _scalar(text: str | None) -> Any:
+    """An override's value as the number it spells, else as given."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _finite(value: Any) -> float | None:
+    numbers = _numbers([value])
+    return numbers[0] if numbers else None
+
+
+def tuning_markdown(tuned: dict[str, Any] | None) -> str:
+    """A table of every trial with the best one marked; empty for a sweep that is no tuning."""
+    if tuned is None:
+        return ""
+    best = tuned["best"]
+    lines = ["", "## Tuning trials", "",
+             f"Optuna proposed the settings of each trial to {tuned['direction']} the student's validation "
+             "accuracy. Test accuracy is reported only, never used to choose."]
+    if best is None:
+        lines += ["", "No trial finished ok: there is no best trial yet."]
+    else:
+        settings = " ".join(f"`{name}={best['params'][name]}`" for name in tuned["params"])
+        lines += ["", f"Best: trial {best['trial']} (val acc {best['val_acc']:.4f}): {settings}; "
+                      f"in `{BEST_TRIAL_FILE}`."]
+    header = ["best", "trial", *tuned["params"], "status", "val acc (objective)", "test acc (not used)"]
+    body = [["**best**" if trial is best else "", trial["trial"],
+             *(_param_text(trial["params"][name]) for name in tuned["params"]), trial["status"],
+             _num(trial["val_acc"], ".4f"), _num(trial["test_acc"], ".4f")]
+            for trial in tuned["trials"]]
+    return "\n".join(lines + [""] + _table(header, body)) + "\n"
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def write_best_trial(sweep_dir: Path, tuned: dict[str, Any]) -> Path | None:
+    """``best_trial.yaml``: the best trial's settings, scores, folder and a command that trains
+    that setting again as a single run. Logged as one line too. None when no trial is ok."""
+    best = tuned["best"]
+    if best is None:
+        log.warning("tuning: no trial finished ok, so there is no best trial")
+        return None
+    single = [o for o in best["overrides"] if not o.lstrip("+~").startswith("sweep=")]
+    content = {
+        "trial": _scalar(best["trial"]), "job_dir": best["job_dir"],
+        "objective": "student val acc", "direction": tuned["direction"],
+        "val_acc": best["val_acc"], "test_acc": best["test_acc"],
+        "params": best["params"], "overrides": best["overrides"],
+        "command": " ".join(["python train.py", *single]),
+    }
+    header = ("# The tuning trial with the best student validation accuracy (the objective).\n"
+              "# test_acc is reported only: it never took part in the choice.\n")
+    path = atomic_write_text(sweep_dir / BEST_TRIAL_FILE, header + OmegaConf.to_yaml(content))
+    settings = " ".join(f"{name}={best['params'][name]}" for name in tuned["params"])
+    log.info("best trial %s: val acc %.4f: %s (%s)", best["trial"], best["val_acc"], settings, path)
+    return path
+
+
 # -- files, command line and Hydra ------------------------------------------------------------
 def write_report(sweep_dir: str | os.PathLike, x: str = "params") -> dict[str, Path]:
     """Write the report next to the jobs, so it travels with the sweep folder.
 
-    Returns the paths under the keys ``csv``, ``markdown`` and ``plot``.
+    Returns the paths under the keys ``csv``, ``markdown`` and ``plot``, and ``best_trial``
+    for a tuning sweep with a finished trial.
     """
     check_x(x)
     root = Path(sweep_dir)
     records = collect(root)
     rows = summarize(records, x)
+    tuned = tuning(root, records)
     title = "/".join(root.resolve().parts[-2:])
     figure = accuracy_figure(rows, x, f"Test accuracy vs {x}: {title}")
-    return {
+    markdown = markdown_text(records, rows, x, title) + tuning_markdown(tuned)
+    paths = {
         "csv": atomic_write_text(root / "summary.csv", csv_text(rows)),
-        "markdown": atomic_write_text(root / "summary.md", markdown_text(records, rows, x, title)),
+        "markdown": atomic_write_text(root / "summary.md", markdown),
         "plot": atomic_save(root / f"accuracy_vs_{x}.png",
                             lambda handle: figure.savefig(handle, format="png", dpi=120)),
     }
+    best = write_best_trial(root, tuned) if tuned else None
+    return paths | ({"best_trial": best} if best else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +650,35 @@ class SweepReportCallback(Callback):
             return
         for name, path in paths.items():
             log.info("sweep report %s: %s", name, path)
+        _log_problems(Path(str(config.hydra.sweep.dir)))
+        log_summary_run(config, Path(str(config.hydra.sweep.dir)), paths["plot"], self.x)
+
+
+def _log_problems(sweep_dir: Path) -> None:
+    """Failed, missing and unreadable jobs on the console too, not only in summary.md."""
+    try:
+        records = collect(sweep_dir)
+    except Exception as exc:  # logged, never raised
+        log.error("sweep report failed: %s: %s", type(exc).__name__, _one_line(str(exc)))
+        return
+    problems = problem_summary(records)
+    if problems:
+        log.warning("sweep report: %d of %d jobs did not finish ok; re-run the same command to run them again",
+                    len(problems), len(records))
+    for line in problems:
+        log.warning("  %s", line)
+
+
+def log_summary_run(config: DictConfig, sweep_dir: Path, plot: Path, x: str = "params") -> None:
+    """When the sweep's jobs logged to wandb, one more run of their group holds the summary table
+    and the plot (``loggers.log_sweep_summary``). Errors are logged as one line, never raised."""
+    from distillab import loggers  # imports Lightning: only when a sweep ends
+
+    try:
+        if loggers.uses_wandb(config):
+            loggers.log_sweep_summary(config, sweep_dir, COLUMNS, summarize(collect(sweep_dir), x), plot)
+    except Exception as exc:  # logged, never raised
+        log.error("wandb sweep summary failed: %s: %s", type(exc).__name__, _one_line(str(exc)))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ FILENAME = "results.json"
 SCHEMA_VERSION = 1
 REQUIRED_OK = ("config_hash", "group", "overrides", "seed", "dataset", "method", "compress",
                "teacher", "timing_s", "env")
-# settings that change where and how a run is shown, not what it computes
-NOT_HASHED = ("paths", "logger", "callbacks")
+# settings that change where and how a run is shown, not what it computes; `rerun` only says
+# whether a finished job is run again, so a forced rerun still matches the result it replaces
+NOT_HASHED = ("paths", "logger", "callbacks", "rerun")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -42,7 +43,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 def group_of(overrides: list[str]) -> str:
     """The configuration a job belongs to: its overrides minus the seed."""
-    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed")
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "rerun"))
     return " ".join(kept) if kept else "(defaults)"
 
 
@@ -103,3 +104,37 @@ def read(folder_or_file: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / FILENAME
     return json.loads(path.read_text())
+
+
+def previous(folder: str | Path, cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """What an earlier attempt of the job ``cfg`` left in ``folder``.
+
+    ``(record, None)`` when its results.json is complete for ``cfg``: it parses, passes ``check``,
+    has status ok and the config hash of ``cfg``. ``(None, why)`` when there is one but it is not
+    (a failure, a corrupt file, another configuration's result), ``(None, None)`` when there is none.
+    """
+    path = Path(folder) / FILENAME
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as error:
+        return None, f"its {FILENAME} cannot be read ({' '.join(str(error).split())})"
+    if not isinstance(record, dict):
+        return None, f"its {FILENAME} is not a JSON object"
+    if record.get("status") == "failed":
+        return None, f"it failed: {record.get('error') or 'no error recorded'}"
+    try:
+        check(record)
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        return None, f"its {FILENAME} is incomplete: {error}"
+    stored, current = record.get("config_hash"), config_hash(cfg)
+    if stored != current:
+        return None, (f"its {FILENAME} is the result of another configuration (config {stored}, this job's is "
+                      f"{current}): the folder was reused")
+    return record, None
+
+
+def completed(folder: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The record in ``folder`` when it is a complete result of ``cfg`` (see ``previous``), else None."""
+    return previous(folder, cfg)[0]
