@@ -44,6 +44,16 @@ def compose_cfg(overrides: list[str], out: Path, cache: Path | None = None) -> D
     return cfg
 
 
+def compose_hydra(*overrides: str) -> DictConfig:
+    """conf/train.yaml composed with Hydra's own node (``hydra.sweeper``, ``hydra.launcher``), as is."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path):
     def make(*overrides: str, fast: bool = True, out: Path | None = None, cache: Path | None = None) -> DictConfig:

@@ -12,7 +12,6 @@ from pathlib import Path
 import joblib
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from joblib.externals.loky import get_reusable_executor
 from omegaconf import OmegaConf
@@ -20,18 +19,9 @@ from omegaconf import OmegaConf
 from distillab import pipeline, results, slots
 from distillab.config import ConfigError
 from tests import slot_jobs
-from tests.conftest import CONF, FAST, compose_cfg, run_train
+from tests.conftest import CONF, FAST, compose_cfg, compose_hydra, run_train
 
 PLUGIN_LAUNCHERS = {"basic", "joblib", "submitit_local", "submitit_slurm"}
-
-
-def compose_hydra(*overrides: str):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(autouse=True)

@@ -7,15 +7,13 @@ import itertools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import Container, OmegaConf
 
 from distillab import cli, results
 from distillab.config import ConfigError, validate
-from tests.conftest import CONF, FAST, run_train
+from tests.conftest import CONF, FAST, compose_hydra, run_train
 
 # the grid of every basic-sweeper preset; sweep=tune_kd (Optuna) is tested in test_tune.py
 PRESETS = {
@@ -25,15 +23,6 @@ PRESETS = {
     "compression": {"compress": 5, "compress.amount": 3, "seed": 3},
 }
 DISTILL_LOSSES = {"none": "CrossEntropy", "kd": "KDLoss"}
-
-
-def compose_hydra(*overrides: str):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def grid(params: dict[str, str]) -> dict[str, list[str]]:

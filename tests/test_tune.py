@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
@@ -17,20 +15,11 @@ from omegaconf import OmegaConf
 from distillab import cli, pipeline, report, results
 from distillab.config import ConfigError
 from distillab.io import atomic_write_json
-from tests.conftest import CONF, FAST, run_train
+from tests.conftest import FAST, compose_hydra, run_train
 
 SEARCHED = ("distill.lam", "distill.temperature")
 # optuna 2.10 imports a name SQLAlchemy 2 has moved; the in-memory study never uses it
 pytestmark = pytest.mark.filterwarnings("ignore:.*declarative_base.*")
-
-
-def compose_hydra(*overrides: str):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def test_the_preset_is_a_seeded_tpe_study_of_lam_and_temperature() -> None:
