@@ -637,7 +637,7 @@ def _sweep_group() -> str | None:
     hydra_cfg = _hydra()
     if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
-    return Path(hydra_cfg.sweep.dir).as_posix().replace("/", "-").strip("-.")
+    return loggers.sweep_group(hydra_cfg.sweep.dir)
 
 
 def _rank() -> int:
