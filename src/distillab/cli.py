@@ -23,7 +23,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from distillab import pipeline
+from distillab import pipeline, results
 from distillab.config import ConfigError, validate
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -148,8 +148,7 @@ def objective(record: dict) -> float:
     NaN, never None, when there is none (a failed job of a sweep): None is no number at all.
     ``run_job`` hands a sweeper -inf instead: Optuna records it as the worst trial and goes on.
     """
-    block = record.get("student") or record.get("compressed") or {}
-    value = (block.get("val") or {}).get("acc")
+    value = (results.tuned_model(record).get("val") or {}).get("acc")
     return float(value) if value is not None else float("nan")
 
 

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distillab.io import atomic_save, atomic_write_text
+from distillab.results import tuned_model
 
 log = logging.getLogger("distillab.report")
 
@@ -511,8 +512,7 @@ def _search_space(root: Path, sweeper: dict) -> list[str]:
 def _trial(root: Path, record: dict[str, Any], names: list[str]) -> dict[str, Any]:
     overrides = job_overrides(record)
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-    results = record["results"]
-    model = results.get("student") or results.get("compressed") or {}  # as cli.objective
+    model = tuned_model(record["results"])  # the model cli.objective scored
     return {
         "trial": record["job"], "job_dir": str((root / record["job"]).resolve()), "status": record["status"],
         "params": {name: _scalar(values.get(name)) for name in names}, "overrides": overrides,

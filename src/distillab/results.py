@@ -99,6 +99,12 @@ def write(folder: str | Path, results: dict[str, Any]) -> Path:
     return atomic_write_json(Path(folder) / FILENAME, results)
 
 
+def tuned_model(record: dict[str, Any]) -> dict[str, Any]:
+    """The model block whose validation accuracy a sweeper maximises: the student's, or the
+    compressed teacher's when no student was trained; empty for a failed run."""
+    return record.get("student") or record.get("compressed") or {}
+
+
 def read(folder_or_file: str | Path) -> dict[str, Any]:
     path = Path(folder_or_file)
     if path.is_dir():
