@@ -1,4 +1,4 @@
-"""kd_loss against values computed by hand in the test."""
+"""kd_loss against values computed by hand in the test; the KD and cross-entropy modules."""
 
 import math
 
@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillab.distill.losses import CrossEntropy, KDLoss, kd_loss, kd_terms
+from distillab import conf
+from distillab.distill.methods.kd import KD, kd_loss, kd_terms
+from distillab.distill.methods.none import CrossEntropy
+from distillab.settings import ConfigError
 
 
 def _hand_kl(p_teacher: list[float], p_student: list[float]) -> float:
@@ -48,8 +51,9 @@ def test_temperature_squared_factor():
     torch.manual_seed(1)
     s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
     temperature = 3.0
-    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
-                  reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True, reduction="batchmean"
+    )
     assert kd_loss(s, t, y, 1.0, temperature).item() == pytest.approx(temperature**2 * kl.item(), rel=1e-5)
 
 
@@ -71,14 +75,22 @@ def test_pure_distillation_ignores_labels():
 
 def test_loss_modules_return_named_terms():
     s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    kd = KDLoss(lam=0.5, temperature=2.0)(s, t, y)
+    kd = KD(lam=0.5, temperature=2.0)(s, t, y)
     assert set(kd) == {"ce", "kd", "loss"}
     assert kd["loss"].item() == pytest.approx((kd["ce"] + kd["kd"]).item())
     ce = CrossEntropy()(s, None, y)
     assert ce["loss"].item() == pytest.approx(F.cross_entropy(s, y).item())
 
 
+def test_kd_module_takes_the_configured_values():
+    kd = conf.build("distill", "kd")
+    assert isinstance(kd, KD) and (kd.lam, kd.temperature) == (0.5, 2.0)  # conf/distill/kd.yaml
+    assert conf.build("distill", "kd", lam=0.9).lam == 0.9
+
+
 @pytest.mark.parametrize("kwargs", [{"lam": 1.5}, {"lam": -0.1}, {"temperature": 0.0}])
 def test_kd_loss_module_rejects_bad_weights(kwargs):
-    with pytest.raises(ValueError):
-        KDLoss(**kwargs)
+    with pytest.raises(ValueError):  # a ConfigError naming the key, in one line
+        KD(**{"lam": 0.5, "temperature": 2.0, **kwargs})
+    with pytest.raises(ConfigError, match=rf"^{next(iter(kwargs))}=\S+ is not allowed: [^\n]+$"):
+        KD(**{"lam": 0.5, "temperature": 2.0, **kwargs})

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from distillab.distill.hooks import FeatureTaps
 from distillab.distill.labels import UNLABELLED
+from distillab.distill.methods.base import is_feature_method, needs_teacher, on_epoch_start
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler
@@ -171,8 +172,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Lightning steps epoch schedules before on_train_epoch_end: keep the rate used now
-        if hasattr(self.loss, "on_epoch_start"):
-            self.loss.on_epoch_start(int(self.current_epoch))
+        on_epoch_start(self.loss, int(self.current_epoch))
         optimizers = self.trainer.optimizers
         self._epoch_lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
 
@@ -223,13 +223,19 @@ class DistillationModule(ClassifierModule):
     so its BatchNorm statistics and dropout never change during the fit.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss: nn.Module,
-                 teacher_table: Tensor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loss: nn.Module,
+        teacher_table: Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model=student, loss=loss, **kwargs)
-        if getattr(loss, "needs_teacher", False) and teacher is None and teacher_table is None:
+        if needs_teacher(loss) and teacher is None and teacher_table is None:
             raise ValueError(f"{type(loss).__name__} needs a teacher, but none was given")
         object.__setattr__(self, "_teacher", teacher)
-        # the teacher's logits for every training sample (distill.teacher_outputs): row i is
+        # the teacher's logits for every training sample (teacher.outputs): row i is
         # sample i of the train split; not a buffer, so DDP never broadcasts it at each step
         object.__setattr__(self, "_teacher_table", teacher_table)
         object.__setattr__(self, "_taps", None)
@@ -265,7 +271,7 @@ class DistillationModule(ClassifierModule):
         return self
 
     def teacher_logits(self, x: Tensor, index: Tensor | None) -> Tensor | None:
-        if not getattr(self.loss, "needs_teacher", False):
+        if not needs_teacher(self.loss):
             return None
         if self._teacher_table is not None:  # cached outputs: the teacher is not run
             if index is None:
@@ -279,7 +285,7 @@ class DistillationModule(ClassifierModule):
     # -- features of feature methods (forward hooks, alive during fit only) --------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if getattr(self.loss, "needs_features", False) and self._taps is None:
+        if is_feature_method(self.loss) and self._taps is None:
             # hooks are created here, not in __init__: a spawned DDP worker gets a pickled copy
             # of the module, and hooks on the models cannot travel with it
             student = FeatureTaps(self.model, self.loss.student_paths, "distill.student_layers")
@@ -298,8 +304,9 @@ class DistillationModule(ClassifierModule):
         student_taps, teacher_taps = self._taps
         with torch.no_grad():
             teacher_logits = self._teacher(x)  # the live teacher: its features are needed too
-        return self.loss(logits, teacher_logits, y, student_feats=student_taps.take(),
-                         teacher_feats=teacher_taps.take())
+        return self.loss(
+            logits, teacher_logits, y, student_feats=student_taps.take(), teacher_feats=teacher_taps.take()
+        )
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
