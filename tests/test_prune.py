@@ -8,43 +8,63 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from distillab import measure
-from distillab.compress import Context
-from distillab.compress.prune import (
-    PRUNABLE,
-    cubic_sparsity,
-    load_structured,
-    load_unstructured,
-    structured,
-    unstructured,
-)
-from distillab.config import ConfigError
+from distillab import conf, measure
+from distillab.compress import PIPELINE_KEYS, Compressed, Context
+from distillab.compress import prune as P
+from distillab.compress.prune import PRUNABLE, cubic_sparsity, load_structured, load_unstructured
 from distillab.models import CNN, MLP, resnet20
+from distillab.settings import ConfigError
 
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
+
+
+def configured(option: str) -> dict:
+    """The settings ``conf/compress/<option>.yaml`` gives its function, ``amount`` included."""
+    node = OmegaConf.to_container(conf.load("compress", option))
+    return {
+        key: value
+        for key, value in node.items()
+        if key == "amount" or key not in ("_target_", "_partial_", *PIPELINE_KEYS)
+    }
+
+
+def unstructured(model: nn.Module, context: Context, **settings) -> Compressed:
+    """``prune.unstructured`` with the configured settings, ``settings`` on top."""
+    return P.unstructured(model, context, **{**configured("prune_unstructured"), **settings})
+
+
+def structured(model: nn.Module, context: Context, **settings) -> Compressed:
+    """``prune.structured`` with the configured settings, ``settings`` on top."""
+    return P.structured(model, context, **{**configured("prune_structured"), **settings})
 
 
 def batches_of(input_shape: tuple[int, ...], n: int = 3, size: int = 16) -> Callable:
     def batches():
         generator = torch.Generator().manual_seed(0)
         for _ in range(n):
-            yield (torch.randn(size, *input_shape, generator=generator),
-                   torch.randint(0, 10, (size,), generator=generator), torch.arange(size))
+            yield (
+                torch.randn(size, *input_shape, generator=generator),
+                torch.randint(0, 10, (size,), generator=generator),
+                torch.arange(size),
+            )
+
     return batches
 
 
 def context(input_shape: tuple[int, ...] = DIGITS, epochs: int = 0, finetune: Callable | None = None) -> Context:
-    return Context(input_shape=input_shape, train_batches=batches_of(input_shape), finetune_epochs=epochs,
-                   finetune=finetune)
+    return Context(
+        input_shape=input_shape, train_batches=batches_of(input_shape), finetune_epochs=epochs, finetune=finetune
+    )
 
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return CNN(DIGITS, 10, width=8, blocks=2)
+    return CNN(DIGITS, 10, width=8, blocks=2, dropout=0.0)
 
 
 def prunable_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -88,8 +108,10 @@ def test_unstructured_global_reaches_the_sparsity_and_leaves_the_rest_alone():
     print(f"nonzero fraction of the prunable weights at amount=0.8: {fraction:.4f}")
     assert fraction == pytest.approx(0.20, abs=0.01)
     assert result.details["nonzero_fraction"] == pytest.approx(fraction)
-    assert result.details["zeroed_weights"] + round(fraction * result.details["prunable_weights"]) == \
-        result.details["prunable_weights"]
+    assert (
+        result.details["zeroed_weights"] + round(fraction * result.details["prunable_weights"])
+        == result.details["prunable_weights"]
+    )
     # biases, BatchNorm parameters and buffers are exactly the input's
     weights = {f"{name}.weight" for name, m in pruned.named_modules() if isinstance(m, PRUNABLE)}
     for name, tensor in pruned.state_dict().items():
@@ -111,7 +133,7 @@ def test_unstructured_layer_scope_prunes_each_layer_by_amount():
 
 def test_unstructured_artifact_is_smaller_and_reloads_exactly(tmp_path):
     # wide enough that the weights, not the per-tensor file overhead, make up the artifact
-    result = unstructured(CNN(DIGITS, 10, width=32, blocks=2), context(), amount=0.8)
+    result = unstructured(CNN(DIGITS, 10, width=32, blocks=2, dropout=0.0), context(), amount=0.8)
     path = tmp_path / "sparse.pt"
     result.save(path)
     dense = measure.size_bytes(result.model)
@@ -121,7 +143,7 @@ def test_unstructured_artifact_is_smaller_and_reloads_exactly(tmp_path):
     assert result.details["sparse_size_bytes"] < 0.35 * result.details["dense_size_bytes"]
     assert result.details["dense_size_bytes"] == dense
     torch.load(path, weights_only=True)
-    fresh = CNN(DIGITS, 10, width=32, blocks=2)
+    fresh = CNN(DIGITS, 10, width=32, blocks=2, dropout=0.0)
     assert not same_state(fresh, snapshot(result.model))
     load_unstructured(path, fresh)
     assert same_state(fresh, snapshot(result.model))
@@ -263,9 +285,18 @@ def test_structured_errors_are_one_line():
     one_line_error(lambda: structured(model, context(), target_macs=10**12), "target_macs")
     one_line_error(lambda: structured(model, context(), amount=1.0), "amount")
     one_line_error(lambda: structured(model, context(), amount=0.5, importance="l3"), "importance")
-    one_line_error(lambda: structured(CNN(DIGITS, 10, width=1), context(), amount=0.5), "amount")
+    one_line_error(lambda: structured(CNN(DIGITS, 10, width=1, blocks=2, dropout=0.0), context(), amount=0.5), "amount")
     one_line_error(lambda: structured(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), context(), amount=0.5), "model")
-    one_line_error(lambda: structured(MLP(DIGITS, 10), context(), amount=0.5, importance="bn_scale"), "importance")
+    one_line_error(
+        lambda: structured(
+            MLP(DIGITS, 10, hidden=[32], dropout=0.0, input_dropout=0.0), context(), amount=0.5, importance="bn_scale"
+        ),
+        "importance",
+    )
+    one_line_error(lambda: structured(model, context(), amount=None), "amount")
+    one_line_error(lambda: structured(model, context(), amount=0.5, iterative_steps=0), "iterative_steps")
+    one_line_error(lambda: structured(model, context(), amount=0.5, round_to=0), "round_to")
+    one_line_error(lambda: structured(model, context(), target_params=0), "target_params")
 
 
 def test_structured_unreachable_budget_is_one_line():

@@ -17,15 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from distillab import measure
-from distillab.compress import Context
+from distillab import conf, measure
+from distillab.compress import PIPELINE_KEYS, Compressed, Context
 from distillab.compress import quantize as Q
-from distillab.config import ConfigError
-from distillab.data import DigitsDataModule, TensorBatches
-from distillab.distill.losses import KDLoss, kd_loss
+from distillab.data import TensorBatches
+from distillab.distill.methods.kd import KD, kd_loss
 from distillab.distill.module import DistillationModule, without_env
 from distillab.models import CNN, MLP, resnet8
-from tests.conftest import compose_cfg
+from distillab.settings import ConfigError
 
 SHAPE = (1, 8, 8)
 
@@ -46,7 +45,7 @@ def _fast_small_steps():
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, tuple[Tensor, Tensor]]:
-    return DigitsDataModule().splits
+    return conf.build("data", "digits").splits
 
 
 def _fit(model: nn.Module, digits: dict, epochs: int, batch_size: int = 64) -> nn.Module:
@@ -72,13 +71,13 @@ def _accuracy(model: nn.Module, digits: dict) -> float:
 @pytest.fixture(scope="module")
 def mlp(digits) -> nn.Module:
     torch.manual_seed(0)
-    return _fit(MLP(SHAPE, 10, hidden=[512, 512]), digits, epochs=20)
+    return _fit(MLP(SHAPE, 10, hidden=[512, 512], dropout=0.0, input_dropout=0.0), digits, epochs=20)
 
 
 @pytest.fixture(scope="module")
 def cnn(digits) -> nn.Module:
     torch.manual_seed(0)
-    return _fit(CNN(SHAPE, 10, width=32, blocks=2), digits, epochs=5)
+    return _fit(CNN(SHAPE, 10, width=32, blocks=2, dropout=0.0), digits, epochs=5)
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +113,33 @@ def _kd_finetune(teacher: nn.Module, digits: dict, steps: int = 5, calls: list |
     return finetune
 
 
+def _configured(option: str) -> dict:
+    """The settings ``conf/compress/<option>.yaml`` gives its function."""
+    node = OmegaConf.to_container(conf.load("compress", option))
+    return {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
+
+
+def _static(model: nn.Module, context: Context, **settings) -> Compressed:
+    """``quantize.static`` with the configured settings, ``settings`` on top."""
+    return Q.static(model, context, **{**_configured("quant_static"), **settings})
+
+
+def _qat(model: nn.Module, context: Context, **settings) -> Compressed:
+    """``quantize.qat`` with the configured settings, ``settings`` on top."""
+    return Q.qat(model, context, **{**_configured("qat"), **settings})
+
+
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _latency_ratios(quantized: nn.Module, original: nn.Module) -> dict[int, float]:
-    return {batch: measure.latency_ms(quantized, SHAPE, batch, threads=1, repeats=30)
-            / measure.latency_ms(original, SHAPE, batch, threads=1, repeats=30) for batch in (1, 64)}
+    return {
+        batch: measure.latency_ms(quantized, SHAPE, batch, threads=1, repeats=30)
+        / measure.latency_ms(original, SHAPE, batch, threads=1, repeats=30)
+        for batch in (1, 64)
+    }
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -158,15 +176,17 @@ def _compare(name: str, int8: nn.Module, fp32: nn.Module, digits) -> tuple[float
     ratio = measure.size_bytes(int8) / measure.size_bytes(fp32)
     before, after = _accuracy(fp32, digits), _accuracy(int8, digits)
     latency = _latency_ratios(int8, fp32)
-    print(f"\n{name}: size ratio {ratio:.3f}, accuracy {before:.4f} -> {after:.4f} (drop {before - after:+.4f}), "
-          f"latency ratio batch 1 {latency[1]:.2f}, batch 64 {latency[64]:.2f}")
+    print(
+        f"\n{name}: size ratio {ratio:.3f}, accuracy {before:.4f} -> {after:.4f} (drop {before - after:+.4f}), "
+        f"latency ratio batch 1 {latency[1]:.2f}, batch 64 {latency[64]:.2f}"
+    )
     return ratio, before - after
 
 
 # -- static -------------------------------------------------------------------------------------
 def test_static_cnn_fuses_int8_convs_smaller_and_accurate(cnn, digits):
     before = copy.deepcopy(cnn)
-    result = Q.static(cnn, _context(digits), calibration_batches=8)
+    result = _static(cnn, _context(digits), calibration_batches=8)
     model = result.model
     assert result.method == "quant_static" and result.backend == "torch.ao.quantization eager, x86 engine"
     for i in range(2):
@@ -186,12 +206,12 @@ def test_static_cnn_fuses_int8_convs_smaller_and_accurate(cnn, digits):
 
 
 def test_static_per_tensor_weights(cnn, digits):
-    model = Q.static(cnn, _context(digits), calibration_batches=2, per_channel=False).model
+    model = _static(cnn, _context(digits), calibration_batches=2, per_channel=False).model
     assert model.module.stages[0][0][0].weight().qscheme() == torch.per_tensor_affine
 
 
 def test_static_resnet_residual_additions_become_int8_adds(resnet, digits):
-    result = Q.static(resnet, _context(digits), calibration_batches=8)
+    result = _static(resnet, _context(digits), calibration_batches=8)
     model = result.model
     block = model.module.layer2[0]
     assert type(block.q_add_0).__name__ == "QFunctional"  # the residual addition, with its own scale
@@ -221,7 +241,7 @@ class _Concat(nn.Module):
 def test_static_concatenation_keeps_both_scales(digits):
     torch.manual_seed(0)
     model = _Concat().eval()
-    quantized = Q.static(model, _context(digits), calibration_batches=4).model
+    quantized = _static(model, _context(digits), calibration_batches=4).model
     x = digits["test"][0][:64]
     with torch.no_grad():
         error = (quantized(x) - model(x)).abs().max() / model(x).abs().max()
@@ -251,21 +271,21 @@ def test_static_refuses_arithmetic_it_cannot_run_in_int8(op, digits):
     model = nn.Sequential(_Gated(op), nn.Flatten(), nn.LazyLinear(10))
     model(torch.zeros(1, *SHAPE))
     with pytest.raises(ConfigError) as error:
-        Q.static(model, _context(digits), calibration_batches=2)
+        _static(model, _context(digits), calibration_batches=2)
     message = _one_line(error)
     assert message.startswith("quant_static cannot run Sequential in int8: '0' uses an operation")
 
 
 def test_static_refuses_a_model_without_conv_or_linear(digits):
     with pytest.raises(ConfigError) as error:
-        Q.static(nn.Sequential(nn.Flatten(), nn.ReLU()), _context(digits))
+        _static(nn.Sequential(nn.Flatten(), nn.ReLU()), _context(digits))
     assert "quant_static" in _one_line(error)
 
 
 def test_unknown_engine_is_a_config_error(cnn, digits):
     with pytest.raises(ConfigError) as error:
-        Q.static(cnn, _context(digits), engine="tpu")
-    assert _one_line(error).startswith("engine=tpu")
+        _static(cnn, _context(digits), engine="tpu")
+    assert _one_line(error).startswith("engine='tpu' is not allowed: one of x86, fbgemm, qnnpack")
 
 
 # -- quantization-aware training ------------------------------------------------------------------
@@ -273,7 +293,7 @@ def test_qat_finetunes_fake_quantized_model_with_distillation(cnn, digits):
     before = copy.deepcopy(cnn)
     calls: list[dict] = []
     context = _context(digits, _kd_finetune(cnn, digits, calls=calls), epochs=2)
-    result = Q.qat(cnn, context, calibration_batches=4)
+    result = _qat(cnn, context, calibration_batches=4)
     model = result.model
     assert calls == [{"epochs": 2, "training": True, "fake_quant": True}]
     assert result.method == "qat" and result.details["frozen_last_epoch"] is True
@@ -299,7 +319,7 @@ def test_qat_freezes_ranges_and_batch_norm_in_the_last_epoch(cnn, digits):
 
         inner(model, epochs, record)
 
-    Q.qat(cnn, _context(digits, finetune, epochs=3), calibration_batches=1)
+    _qat(cnn, _context(digits, finetune, epochs=3), calibration_batches=1)
     assert states == [(1, False), (1, False), (0, True)]
 
 
@@ -315,24 +335,38 @@ def test_qat_trains_with_lightning(cnn, digits):
                 self.hook(trainer.current_epoch)
 
     def finetune(model, epochs, on_epoch_start=None):
-        module = DistillationModule(model, copy.deepcopy(cnn), KDLoss(lam=0.5, temperature=2.0),
-                                    optimizer=partial(torch.optim.Adam, lr=1e-4))
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_train_batches=4, callbacks=[EpochStart(on_epoch_start)])
-        trainer.fit(module, train_dataloaders=TensorBatches(x, y, 64, shuffle=True),
-                    val_dataloaders=TensorBatches(*digits["val"], 512, shuffle=False))
+        module = DistillationModule(
+            model, copy.deepcopy(cnn), KD(lam=0.5, temperature=2.0), optimizer=partial(torch.optim.Adam, lr=1e-4)
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_train_batches=4,
+            callbacks=[EpochStart(on_epoch_start)],
+        )
+        trainer.fit(
+            module,
+            train_dataloaders=TensorBatches(x, y, 64, shuffle=True),
+            val_dataloaders=TensorBatches(*digits["val"], 512, shuffle=False),
+        )
         assert trainer.current_epoch == epochs
 
-    result = Q.qat(cnn, _context(digits, finetune, epochs=2), calibration_batches=2)
+    result = _qat(cnn, _context(digits, finetune, epochs=2), calibration_batches=2)
     assert result.model.module.stages[0][0][0].weight().dtype == torch.qint8
     assert _accuracy(cnn, digits) - _accuracy(result.model, digits) <= 0.03
 
 
 def test_qat_needs_finetuning(cnn, digits):
     with pytest.raises(ConfigError) as error:
-        Q.qat(cnn, _context(digits))
-    assert _one_line(error).startswith("finetune_epochs=0: qat")
+        _qat(cnn, _context(digits))
+    assert _one_line(error) == (
+        "finetune_epochs=0 is not allowed: an integer >= 1: quantization-aware training needs epochs"
+    )
 
 
 # -- the saved artifact -------------------------------------------------------------------------
@@ -341,13 +375,13 @@ def test_save_and_reload_give_the_same_outputs(method, cnn, digits, tmp_path: Pa
     if method == "quant_dynamic":
         result = Q.dynamic(cnn, _context(digits))
     elif method == "quant_static":
-        result = Q.static(cnn, _context(digits), calibration_batches=2, per_channel=False)
+        result = _static(cnn, _context(digits), calibration_batches=2, per_channel=False)
     else:
-        result = Q.qat(cnn, _context(digits, _kd_finetune(cnn, digits, steps=2), epochs=1), calibration_batches=2)
+        result = _qat(cnn, _context(digits, _kd_finetune(cnn, digits, steps=2), epochs=1), calibration_batches=2)
     path = tmp_path / "int8.pt"
     result.save(path)
     assert abs(path.stat().st_size - measure.size_bytes(result.model)) < 1024
-    fresh = CNN(SHAPE, 10, width=32, blocks=2)  # other float weights: all of them must come from the file
+    fresh = CNN(SHAPE, 10, width=32, blocks=2, dropout=0.0)  # other float weights: all of them must come from the file
     if method == "quant_dynamic":
         loaded = Q.load_dynamic(path, fresh)
     elif method == "quant_static":
@@ -372,10 +406,10 @@ def test_no_torch_ao_deprecation_reaches_the_caller_but_other_warnings_do(cnn, m
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Q.dynamic(mlp, _context(digits)).save(tmp_path / "dynamic.pt")
-        Q.static(cnn, _context(digits), calibration_batches=2).save(tmp_path / "static.pt")
-        Q.qat(cnn, _context(digits, noisy_finetune, epochs=1), calibration_batches=2).save(tmp_path / "qat.pt")
-        Q.load_static(tmp_path / "static.pt", CNN(SHAPE, 10), SHAPE)
-        Q.load_dynamic(tmp_path / "dynamic.pt", MLP(SHAPE, 10, hidden=[512, 512]))
+        _static(cnn, _context(digits), calibration_batches=2).save(tmp_path / "static.pt")
+        _qat(cnn, _context(digits, noisy_finetune, epochs=1), calibration_batches=2).save(tmp_path / "qat.pt")
+        Q.load_static(tmp_path / "static.pt", CNN(SHAPE, 10, width=32, blocks=2, dropout=0.0), SHAPE)
+        Q.load_dynamic(tmp_path / "dynamic.pt", MLP(SHAPE, 10, hidden=[512, 512], dropout=0.0, input_dropout=0.0))
     messages = [(w.category, str(w.message)) for w in caught]
     assert (UserWarning, "a warning of the fine-tuning") in messages
     assert (DeprecationWarning, "a deprecation of the fine-tuning") in messages
@@ -386,16 +420,19 @@ def test_no_torch_ao_deprecation_reaches_the_caller_but_other_warnings_do(cnn, m
 
 
 # -- configs ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,epochs,options", [
-    ("quant_dynamic", 0, {}),
-    ("quant_static", 0, {"calibration_batches": 16, "per_channel": True, "engine": "x86"}),
-    ("qat", 3, {"calibration_batches": 16, "per_channel": True, "engine": "x86"}),
-])
-def test_config_instantiates_the_method(name, epochs, options, tmp_path, cnn, digits):
-    cfg = OmegaConf.to_container(compose_cfg([f"compress={name}"], tmp_path).compress)
-    assert cfg["method"] == name and cfg["target"] == "student" and cfg["amount"] is None
+@pytest.mark.parametrize(
+    "name,epochs,options",
+    [
+        ("quant_dynamic", 0, {}),
+        ("quant_static", 0, {"calibration_batches": 16, "per_channel": True, "engine": "x86"}),
+        ("qat", 3, {"calibration_batches": 16, "per_channel": True, "engine": "x86"}),
+    ],
+)
+def test_config_instantiates_the_method(name, epochs, options, cnn, digits):
+    cfg = OmegaConf.to_container(conf.load("compress", name))
+    assert "method" not in cfg and cfg["target"] == "student" and cfg["amount"] is None
     assert cfg["finetune_epochs"] == epochs
-    rest = {k: v for k, v in cfg.items() if k not in ("method", "target", "finetune_epochs", "amount")}
+    rest = {k: v for k, v in cfg.items() if k not in PIPELINE_KEYS}
     assert {k: v for k, v in rest.items() if not k.startswith("_")} == options
     method = instantiate(rest)
     finetune = _kd_finetune(cnn, digits, steps=1) if epochs else None
@@ -404,14 +441,10 @@ def test_config_instantiates_the_method(name, epochs, options, tmp_path, cnn, di
 
 
 def test_measure_counts_the_weights_of_fused_int8_layers():
-    from distillab import measure
-    from distillab.compress import quantize
-    from distillab.models import CNN
-
-    model = CNN((1, 8, 8), 10, width=8, blocks=1).eval()
+    model = CNN((1, 8, 8), 10, width=8, blocks=1, dropout=0.0).eval()
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16))]
     context = Context(input_shape=(1, 8, 8), train_batches=lambda: iter(batches))
-    int8 = quantize.static(model, context, calibration_batches=1).model
+    int8 = _static(model, context, calibration_batches=1).model
     # folding a BatchNorm into its (bias-free) conv: the scale goes into the weights, the
     # shift becomes the conv's bias, so each BatchNorm's 2·C parameters become C
     folded = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

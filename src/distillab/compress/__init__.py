@@ -1,10 +1,12 @@
 """Compression after distillation: step 6 of a run.
 
-A method is a function ``method(model, context, **options) -> Compressed`` that returns a new
-model (the input is left untouched), configured in ``conf/compress/`` by ``_target_`` with
-``_partial_: true``. ``method``, ``target`` and ``finetune_epochs`` in that config belong to
-the pipeline; everything else is the method's options. Methods are chained by listing
-``steps``; each step gets the previous step's model.
+A method is a function ``method(model, context, **settings) -> Compressed`` that returns a
+new model (the input is left untouched), configured in ``conf/compress/<name>.yaml`` by
+``_target_`` with ``_partial_: true``; it is named after that option. The function declares its
+settings on its typed signature (``distillab.settings``); the YAML holds their values. The keys
+``PIPELINE_KEYS`` of that config belong to the pipeline (``CompressSettings``); everything else
+is the method's settings. Methods are chained by listing ``steps``; each step gets the previous
+step's model. ``compress=none`` is a node with neither ``_target_`` nor ``steps`` (``is_none``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab import measure
+from distillab.settings import Fraction, NonNegativeCount
 
 
 @dataclass
@@ -58,7 +61,27 @@ class Compressed:
 
 
 # keys of a compress config that belong to the pipeline, not to the method function
-PIPELINE_KEYS = ("method", "target", "finetune_epochs", "amount", "steps")
+PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "steps")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """The pipeline's keys of a ``compress`` node (``steps`` of a chain are checked step by step).
+
+    ``target``: the model compressed (``teacher`` is a baseline without a student).
+    ``finetune_epochs``: epochs of fine-tuning with the distillation loss after (or during) compression.
+    ``amount``: a fraction in (0, 1) of the weights to remove, given to the methods that take one
+    (pruning), so that one sweep can set it for every method; null for the others.
+    """
+
+    target: Literal["student", "teacher"]
+    finetune_epochs: NonNegativeCount
+    amount: Fraction | None
+
+
+def is_none(node: Any) -> bool:
+    """True for ``compress=none``: a node with neither ``_target_`` nor ``steps``."""
+    return node is None or (not node.get("_target_") and not node.get("steps"))
 
 
 def methods(cfg: DictConfig) -> list[functools.partial]:
@@ -66,34 +89,37 @@ def methods(cfg: DictConfig) -> list[functools.partial]:
     the node itself, or its ``steps`` for a chain.
 
     ``amount`` goes to a method only when it takes one (pruning), so one sweep can set
-    ``compress.amount`` for every method; a step's own ``amount`` wins over the chain's.
+    ``compress.amount`` for every method; a step's own ``amount`` wins over the chain's. A
+    method that takes ``amount`` always gets it, null included (its declaration says whether
+    null is allowed).
     """
     steps = list(cfg.steps) if cfg.get("steps") else [cfg]
     found = []
     for step in steps:
         method = instantiate(OmegaConf.create({k: v for k, v in step.items() if k not in PIPELINE_KEYS}))
         amount = step.get("amount") if step.get("amount") is not None else cfg.get("amount")
-        if amount is not None and "amount" in inspect.signature(method.func).parameters:
+        if "amount" in inspect.signature(method.func).parameters:
             method = functools.partial(method, amount=amount)
         found.append(method)
     return found
 
 
-def apply(cfg: DictConfig, model: nn.Module, context: Context) -> tuple[Compressed, nn.Module]:
-    """Run the method(s) of ``cfg`` (the ``compress`` node) on ``model``.
+def apply(node: DictConfig, model: nn.Module, context: Context, name: str) -> tuple[Compressed, nn.Module]:
+    """Run the method(s) of ``node`` (the ``compress`` node, whose option is ``name``) on ``model``.
 
-    Returns the final result and the last floating-point model of the chain (the input of a
-    quantization step), whose MACs the quantized model performs in int8.
+    A chain's result is named ``name``. Returns the final result and the last floating-point
+    model of the chain (the input of a quantization step), whose MACs the quantized model
+    performs in int8.
     """
     float_model, result = model, None
-    for method in methods(cfg):
+    for method in methods(node):
         result = method(result.model if result is not None else model, context)
         if not _is_quantized(result.model):
             float_model = result.model
     if result is None:
         raise ValueError("compress: no method to apply")
-    if cfg.get("steps"):
-        result.method = str(cfg.method)
+    if node.get("steps"):
+        result.method = str(name)
     return result, float_model
 
 

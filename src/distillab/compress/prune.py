@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Callable, Iterable
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,8 @@ from torch.nn.utils import prune
 
 from distillab import measure
 from distillab.compress import Compressed, Context
-from distillab.config import ConfigError
 from distillab.distill.labels import labelled_cross_entropy
+from distillab.settings import ConfigError, Count, Fraction, checked
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 UNSTRUCTURED_FORMAT = "distillab.prune_unstructured/1"
@@ -39,7 +40,9 @@ DENSE_LATENCY_NOTE = (
     "shapes are unchanged and dense kernels multiply the zeros too, so latency and MACs are those of "
     "the dense model; the gain is the size of the sparse artifact"
 )
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
+#: channel ranking of ``structured``: weight norms, BatchNorm gammas, |weight * gradient|
+Importance = Literal["l1", "l2", "bn_scale", "taylor"]
+IMPORTANCES = typing.get_args(Importance)
 # the steps of a budget search: the channel ratio rises by 1/TARGET_STEPS of its maximum each step
 TARGET_STEPS = 50
 # training batches whose cross-entropy gradients feed the Taylor importance
@@ -47,20 +50,15 @@ TAYLOR_BATCHES = 4
 # layers listed in details["out_channels"]
 SHOWN_LAYERS = 8
 # the int or tuple attributes that fix a module's shapes, saved so that a pruned model can be rebuilt
-SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                    "normalized_shape")
-
-
-# -- checks -----------------------------------------------------------------------------------
-def _check_amount(amount: Any, what: str) -> None:
-    if amount is None or isinstance(amount, bool) or not 0 < float(amount) < 1:
-        raise ConfigError(f"amount={amount!r} is not allowed: a fraction in (0, 1) of the {what} to remove")
-
-
-def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed: one of {', '.join(allowed)}")
+SHAPE_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+)
 
 
 def _prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -68,8 +66,14 @@ def _prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # -- unstructured -----------------------------------------------------------------------------
+@checked
 def unstructured(
-    model: nn.Module, context: Context, amount: float, scope: str = "global", schedule: str = "oneshot"
+    model: nn.Module,
+    context: Context,
+    *,
+    amount: Fraction,
+    scope: Literal["global", "layer"],
+    schedule: Literal["oneshot", "gradual"],
 ) -> Compressed:
     """Zero the fraction ``amount`` of the Conv/Linear weights with the smallest magnitude.
 
@@ -80,12 +84,10 @@ def unstructured(
     :func:`cubic_sparsity`, so the model adapts while weights disappear. The masks are made
     permanent at the end: the result is a plain module whose weights contain zeros.
     """
-    _check_amount(amount, "Conv/Linear weights")
-    _check_choice("scope", scope, ("global", "layer"))
-    _check_choice("schedule", schedule, ("oneshot", "gradual"))
     if not _prunable_layers(model):
-        raise ConfigError(f"model={type(model).__name__} is not allowed: prune_unstructured needs a Conv or "
-                          "Linear layer")
+        raise ConfigError(
+            f"model={type(model).__name__} is not allowed: prune_unstructured needs a Conv or Linear layer"
+        )
     if schedule == "gradual" and (context.finetune is None or context.finetune_epochs < 1):
         raise ConfigError("schedule='gradual' is not allowed: it needs finetune_epochs >= 1 to spread the pruning over")
 
@@ -104,8 +106,9 @@ def unstructured(
     )
 
 
-def _prune_and_finetune(model: nn.Module, targets: list[tuple[nn.Module, str]], context: Context, amount: float,
-                        scope: str, schedule: str) -> list[float]:
+def _prune_and_finetune(
+    model: nn.Module, targets: list[tuple[nn.Module, str]], context: Context, amount: float, scope: str, schedule: str
+) -> list[float]:
     """Prune ``targets`` to ``amount`` along ``schedule``, fine-tuning with the masks held;
     the sparsity of each fine-tuning epoch (just ``amount`` for oneshot)."""
     if schedule == "oneshot":
@@ -154,8 +157,9 @@ def _make_permanent(targets: list[tuple[nn.Module, str]]) -> None:
             prune.remove(module, name)
 
 
-def _unstructured_details(model: nn.Module, names: list[str], amount: float, scope: str, schedule: str,
-                          sparsities: list[float]) -> dict[str, Any]:
+def _unstructured_details(
+    model: nn.Module, names: list[str], amount: float, scope: str, schedule: str, sparsities: list[float]
+) -> dict[str, Any]:
     state = model.state_dict()
     total = sum(state[name].numel() for name in names)
     nonzero = sum(int(torch.count_nonzero(state[name])) for name in names)
@@ -229,15 +233,17 @@ def load_unstructured(path: str | Path, model: nn.Module) -> nn.Module:
 
 
 # -- structured -------------------------------------------------------------------------------
+@checked
 def structured(
     model: nn.Module,
     context: Context,
-    amount: float | None = 0.5,
-    target_params: int | None = None,
-    target_macs: int | None = None,
-    importance: str = "l1",
-    iterative_steps: int = 1,
-    round_to: int | None = None,
+    *,
+    amount: Fraction | None,
+    target_params: Count | None,
+    target_macs: Count | None,
+    importance: Importance,
+    iterative_steps: Count,
+    round_to: Count | None,
 ) -> Compressed:
     """Remove output channels (filters, hidden units) and everything that depends on them.
 
@@ -250,9 +256,12 @@ def structured(
     small steps until the model fits the budget(s). The classifier's outputs (the last layer
     run) are never pruned. Fine-tunes after pruning when the run has fine-tuning epochs.
     """
-    budgets = {key: value for key, value in (("target_params", target_params), ("target_macs", target_macs))
-               if value is not None}
-    _check_structured_options(model, amount, budgets, importance, iterative_steps, round_to)
+    budgets = {
+        key: value
+        for key, value in (("target_params", target_params), ("target_macs", target_macs))
+        if value is not None
+    }
+    _check_structured_options(model, amount, budgets, importance)
     before = {"params": measure.params(model), "macs": measure.macs(model, context.input_shape)}
     _check_budgets(budgets, before)
 
@@ -260,8 +269,9 @@ def structured(
     channels_before = _out_channels(pruned)
     was_training = pruned.training
     pruned.eval()
-    ratio = _prune_channels(pruned, context, None if budgets else float(amount), budgets, importance,
-                            int(iterative_steps), round_to)
+    ratio = _prune_channels(
+        pruned, context, None if budgets else float(amount), budgets, importance, int(iterative_steps), round_to
+    )
     pruned.zero_grad(set_to_none=True)
     pruned.train(was_training)
     if context.finetune is not None:
@@ -281,8 +291,9 @@ def structured(
         **{f"{key}_after": value for key, value in after.items()},
         "param_ratio": after["params"] / before["params"],
         "mac_ratio": after["macs"] / before["macs"],
-        "out_channels": {name: [channels_before[name], count]
-                         for name, count in list(_out_channels(pruned).items())[:SHOWN_LAYERS]},
+        "out_channels": {
+            name: [channels_before[name], count] for name, count in list(_out_channels(pruned).items())[:SHOWN_LAYERS]
+        },
     }
     return Compressed(
         model=pruned,
@@ -293,29 +304,36 @@ def structured(
     )
 
 
-def _check_structured_options(model: nn.Module, amount: Any, budgets: dict[str, int], importance: str,
-                              iterative_steps: Any, round_to: Any) -> None:
-    if not budgets:
-        _check_amount(amount, "channels of each layer")
-    _check_choice("importance", importance, IMPORTANCES)
-    if isinstance(iterative_steps, bool) or int(iterative_steps) < 1:
-        raise ConfigError(f"iterative_steps={iterative_steps!r} is not allowed: an integer >= 1")
-    if round_to is not None and int(round_to) < 1:
-        raise ConfigError(f"round_to={round_to!r} is not allowed: an integer >= 1, or null")
+def _check_structured_options(model: nn.Module, amount: float | None, budgets: dict[str, int], importance: str) -> None:
+    """The checks across settings (each setting's own range is its annotation's)."""
+    if not budgets and amount is None:
+        raise ConfigError(
+            "amount=None is not allowed: a fraction in (0, 1) of the channels of each layer to remove, "
+            "unless target_params or target_macs is set"
+        )
     if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError("importance='bn_scale' is not allowed: the model has no BatchNorm layer to rank by")
 
 
-def _prune_channels(model: nn.Module, context: Context, amount: float | None, budgets: dict[str, int],
-                    importance: str, iterative_steps: int, round_to: int | None) -> float:
+def _prune_channels(
+    model: nn.Module,
+    context: Context,
+    amount: float | None,
+    budgets: dict[str, int],
+    importance: str,
+    iterative_steps: int,
+    round_to: int | None,
+) -> float:
     """Prune ``model`` in place to ``amount``, or until it fits ``budgets``; the channel ratio reached.
 
     The layer checks run on the traced graph before any channel is removed.
     """
     classifier = _output_layer(model, context.input_shape)
     if not any(module is not classifier for _, module in _prunable_layers(model)):
-        raise ConfigError(f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear "
-                          "layer before the classifier")
+        raise ConfigError(
+            f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear "
+            "layer before the classifier"
+        )
     groups = _pruning_groups(model, context.input_shape, classifier, importance)
     if budgets:
         ratio, steps = _largest_ratio(groups, max(1, int(round_to or 1)), budgets), TARGET_STEPS
@@ -332,19 +350,19 @@ def _tp() -> Any:
     try:
         import torch_pruning
     except ImportError as error:
-        raise ConfigError("compress=prune_structured is not allowed: it needs torch-pruning "
-                          "(pip install 'torch-pruning>=1.5,<2')") from error
+        raise ConfigError(
+            "compress=prune_structured is not allowed: it needs torch-pruning (pip install 'torch-pruning>=1.5,<2')"
+        ) from error
     return torch_pruning
 
 
 def _check_budgets(budgets: dict[str, int], before: dict[str, int]) -> None:
     for key, value in budgets.items():
         count, what = (before["params"], "parameters") if key == "target_params" else (before["macs"], "MACs")
-        if isinstance(value, bool) or int(value) < 1:
-            raise ConfigError(f"{key}={value!r} is not allowed: a positive count, or null")
         if int(value) >= count:
-            raise ConfigError(f"{key}={value} is not allowed: the model has only {count:,} {what}; "
-                              "a budget must be smaller")
+            raise ConfigError(
+                f"{key}={value} is not allowed: the model has only {count:,} {what}; a budget must be smaller"
+            )
 
 
 def _output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
@@ -372,8 +390,15 @@ def _importance(name: str) -> Any:
     }[name]()
 
 
-def _pruner(model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Module, importance: str, ratio: float,
-            steps: int, round_to: int | None) -> Any:
+def _pruner(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    classifier: nn.Module,
+    importance: str,
+    ratio: float,
+    steps: int,
+    round_to: int | None,
+) -> Any:
     return _tp().pruner.MetaPruner(
         model,
         example_inputs=torch.randn(1, *input_shape),
@@ -386,19 +411,23 @@ def _pruner(model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Modul
     )
 
 
-def _pruning_groups(model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Module,
-                    importance: str) -> list[tuple[str, int]]:
+def _pruning_groups(
+    model: nn.Module, input_shape: tuple[int, ...], classifier: nn.Module, importance: str
+) -> list[tuple[str, int]]:
     """(name of the root layer, output channels) of every group of coupled layers that can lose channels."""
     pruner = _pruner(model, input_shape, classifier, importance, 0.5, 1, None)
     names = {module: name for name, module in model.named_modules()}
     groups = []
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
         root = group[0][0].target.module
         groups.append((names.get(root, type(root).__name__), int(pruner.DG.get_out_channels(root))))
     if not groups:
-        raise ConfigError(f"model={type(model).__name__} is not allowed: it has no channel that can be removed "
-                          "without touching the classifier's outputs")
+        raise ConfigError(
+            f"model={type(model).__name__} is not allowed: it has no channel that can be removed "
+            "without touching the classifier's outputs"
+        )
     return groups
 
 
@@ -412,8 +441,10 @@ def _check_no_layer_emptied(groups: list[tuple[str, int]], amount: float, round_
     for name, channels in groups:
         if _kept(channels, amount, round_to) < 1:
             rounding = f" after rounding to multiples of round_to={round_to}" if round_to else ""
-            raise ConfigError(f"amount={amount} is not allowed: it would remove all {channels} channels of "
-                              f"layer {name}{rounding}; use a smaller amount")
+            raise ConfigError(
+                f"amount={amount} is not allowed: it would remove all {channels} channels of "
+                f"layer {name}{rounding}; use a smaller amount"
+            )
 
 
 def _largest_ratio(groups: list[tuple[str, int]], keep: int, budgets: dict[str, int]) -> float:
@@ -426,8 +457,9 @@ def _largest_ratio(groups: list[tuple[str, int]], keep: int, budgets: dict[str, 
     return ratio
 
 
-def _run_steps(pruner: Any, model: nn.Module, context: Context, importance: str, steps: int,
-               budgets: dict[str, int]) -> int:
+def _run_steps(
+    pruner: Any, model: nn.Module, context: Context, importance: str, steps: int, budgets: dict[str, int]
+) -> int:
     """Prune step by step (stopping as soon as the budgets hold, if any); the number of steps taken."""
     for step in range(1, steps + 1):
         if importance == "taylor":
@@ -438,8 +470,10 @@ def _run_steps(pruner: Any, model: nn.Module, context: Context, importance: str,
     if budgets:
         reached = {"target_params": measure.params(model), "target_macs": measure.macs(model, context.input_shape)}
         key = next(key for key, value in budgets.items() if reached[key] > value)
-        raise ConfigError(f"{key}={budgets[key]} is not allowed: pruning stops at {reached[key]:,} with the "
-                          "classifier kept and the fewest channels per layer; use a larger budget")
+        raise ConfigError(
+            f"{key}={budgets[key]} is not allowed: pruning stops at {reached[key]:,} with the "
+            "classifier kept and the fewest channels per layer; use a larger budget"
+        )
     return steps
 
 

@@ -58,7 +58,8 @@ Saving and reloading
     ``load_state_dict``. :func:`load_dynamic`, :func:`load_static` and :func:`load_qat` (or
     :func:`load` by method name) do exactly that::
 
-        model = load_static("model_int8.pt", CNN((1, 8, 8), 10), (1, 8, 8), per_channel=True, engine="x86")
+        float_model = CNN((1, 8, 8), 10, width=32, blocks=2, dropout=0.0)
+        model = load_static("model_int8.pt", float_model, (1, 8, 8), per_channel=True, engine="x86")
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.ao.nn.intrinsic.qat as intrinsic_qat
@@ -84,7 +85,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.overrides import TorchFunctionMode
 
 from distillab.compress import Compressed, Context
-from distillab.config import ConfigError
+from distillab.settings import ConfigError, Count, checked
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ __all__ = [
     "quiet_deprecations",
     "static",
 ]
+
+#: int8 kernels: x86 (fbgemm + oneDNN), fbgemm, or qnnpack (ARM)
+Engine = Literal["x86", "fbgemm", "qnnpack"]
 
 # -- the deprecation messages of torch.ao.quantization ------------------------------------------
 # (category, regular expression matched at the start of the message). torch.ao.quantization
@@ -431,15 +435,15 @@ class _CatGuard(TorchFunctionMode):
             parts = args[0] if args else kwargs.get("tensors", ())
             quantized = [t for t in parts if isinstance(t, Tensor) and t.is_quantized]
             if quantized and (
-                len(quantized) < len(parts)
-                or len({(t.q_scale(), t.q_zero_point()) for t in quantized}) > 1
+                len(quantized) < len(parts) or len({(t.q_scale(), t.q_zero_point()) for t in quantized}) > 1
             ):
                 raise _Unsupported(f"torch.{func.__name__} of int8 tensors with different scales")
         return func(*args, **kwargs)
 
 
-def _check_int8_runs(prepared: nn.Module, example: Tensor, engine: str, arch: str, method: str,
-                     backend: Backend) -> None:
+def _check_int8_runs(
+    prepared: nn.Module, example: Tensor, engine: str, arch: str, method: str, backend: Backend
+) -> None:
     """Convert a copy of ``prepared`` and run it once; a ``ConfigError`` naming the module if
     it uses an operation the int8 model cannot run."""
     trial = copy.deepcopy(prepared).eval()
@@ -534,6 +538,7 @@ def _require_layers(model: nn.Module, types: tuple[type, ...], method: str, what
 
 
 # -- the methods -------------------------------------------------------------------------------
+@checked
 def dynamic(model: nn.Module, context: Context) -> Compressed:
     """Int8 weights for Linear / LSTM / GRU layers, activations quantized per batch at run time."""
     _require_layers(model, DYNAMIC_TYPES, "quant_dynamic", "Linear, LSTM and GRU")
@@ -547,7 +552,10 @@ def dynamic(model: nn.Module, context: Context) -> Compressed:
     if share < 0.5:
         log.warning(
             "quant_dynamic: the %d Linear/LSTM/GRU layers of %s hold %.0f%% of its weights; the rest stays float "
-            "(quant_static quantizes convolutions)", len(layers), type(model).__name__, 100 * share,
+            "(quant_static quantizes convolutions)",
+            len(layers),
+            type(model).__name__,
+            100 * share,
         )
     details = {
         "engine": engine,
@@ -560,13 +568,15 @@ def dynamic(model: nn.Module, context: Context) -> Compressed:
     return Compressed(quantized, "quant_dynamic", BACKEND.describe(engine), _save(quantized), details)
 
 
+@checked
 def static(
-    model: nn.Module, context: Context, calibration_batches: int = 16, per_channel: bool = True, engine: str = "x86"
+    model: nn.Module, context: Context, *, calibration_batches: Count, per_channel: bool, engine: Engine
 ) -> Compressed:
     """Post-training static int8: fuse, insert quant/dequant stubs, calibrate, convert."""
     _require_layers(model, STATIC_TYPES, "quant_static", "convolution and Linear")
-    prepared, done = BACKEND.prepare(_float_copy(model), _example(context.input_shape), engine, per_channel,
-                                     qat=False, method="quant_static")
+    prepared, done = BACKEND.prepare(
+        _float_copy(model), _example(context.input_shape), engine, per_channel, qat=False, method="quant_static"
+    )
     with quiet_deprecations():
         batches, samples = _calibrate(prepared, context, calibration_batches, "quant_static")
     quantized = BACKEND.convert(prepared, engine)
@@ -574,17 +584,20 @@ def static(
     return Compressed(quantized, "quant_static", BACKEND.describe(engine), _save(quantized), details)
 
 
+@checked
 def qat(
-    model: nn.Module, context: Context, calibration_batches: int = 16, per_channel: bool = True, engine: str = "x86"
+    model: nn.Module, context: Context, *, calibration_batches: Count, per_channel: bool, engine: Engine
 ) -> Compressed:
     """Quantization-aware fine-tuning with the distillation loss, then conversion to int8."""
     if context.finetune is None or context.finetune_epochs < 1:
         raise ConfigError(
-            f"finetune_epochs={context.finetune_epochs}: qat fine-tunes the fake-quantized model, set an integer >= 1"
+            f"finetune_epochs={context.finetune_epochs} is not allowed: an integer >= 1: "
+            "quantization-aware training needs epochs"
         )
     _require_layers(model, STATIC_TYPES, "qat", "convolution and Linear")
-    prepared, done = BACKEND.prepare(_float_copy(model), _example(context.input_shape), engine, per_channel,
-                                     qat=True, method="qat")
+    prepared, done = BACKEND.prepare(
+        _float_copy(model), _example(context.input_shape), engine, per_channel, qat=True, method="qat"
+    )
     with quiet_deprecations():
         batches, samples = _calibrate(prepared, context, calibration_batches, "qat")
     epochs = context.finetune_epochs
@@ -607,8 +620,9 @@ def qat(
     return Compressed(quantized, "qat", BACKEND.describe(engine), _save(quantized), details)
 
 
-def _details(quantized: nn.Module, done: Preparation, engine: str, per_channel: bool, batches: int,
-             samples: int) -> dict[str, Any]:
+def _details(
+    quantized: nn.Module, done: Preparation, engine: str, per_channel: bool, batches: int, samples: int
+) -> dict[str, Any]:
     layers = int8_layers(quantized)
     return {
         "engine": engine,
@@ -630,31 +644,41 @@ def load_dynamic(path: Any, model: nn.Module) -> nn.Module:
     return _load_state(BACKEND.dynamic(_float_copy(model), engine), path, engine)
 
 
-def load_static(path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True,
-                engine: str = "x86") -> nn.Module:
+def load_static(
+    path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True, engine: str = "x86"
+) -> nn.Module:
     """The int8 model saved by ``static``: same fusion, stubs and conversion, then the saved state."""
     return _load_prepared(path, model, input_shape, per_channel, engine, qat=False)
 
 
-def load_qat(path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True,
-             engine: str = "x86") -> nn.Module:
+def load_qat(
+    path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True, engine: str = "x86"
+) -> nn.Module:
     """The int8 model saved by ``qat``: same fusion, stubs, prepare_qat and conversion, then the saved state."""
     return _load_prepared(path, model, input_shape, per_channel, engine, qat=True)
 
 
-def _load_prepared(path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool, engine: str,
-                   qat: bool) -> nn.Module:
+def _load_prepared(
+    path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool, engine: str, qat: bool
+) -> nn.Module:
     example = _example(input_shape)
-    prepared, _ = BACKEND.prepare(_float_copy(model), example, engine, per_channel, qat=qat,
-                                  method="qat" if qat else "quant_static")
+    prepared, _ = BACKEND.prepare(
+        _float_copy(model), example, engine, per_channel, qat=qat, method="qat" if qat else "quant_static"
+    )
     prepared.eval()
     with quiet_deprecations(), torch.no_grad():
         prepared(example)  # gives the observers a range; the saved scales replace it
     return _load_state(BACKEND.convert(prepared, engine), path, engine)
 
 
-def load(path: Any, model: nn.Module, method: str, input_shape: Sequence[int] | None = None,
-         per_channel: bool = True, engine: str = "x86") -> nn.Module:
+def load(
+    path: Any,
+    model: nn.Module,
+    method: str,
+    input_shape: Sequence[int] | None = None,
+    per_channel: bool = True,
+    engine: str = "x86",
+) -> nn.Module:
     """``load_dynamic`` / ``load_static`` / ``load_qat`` by method name."""
     if method == "quant_dynamic":
         return load_dynamic(path, model)

@@ -1,0 +1,258 @@
+"""The compressors' settings: declared once on each function's typed signature, valued once in
+``conf/compress/<option>.yaml``, checked before anything is imported; and the pipeline's keys
+of a ``compress`` node (``CompressSettings``, ``methods``, ``apply``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distillab import compress, conf, settings
+from distillab.compress import PIPELINE_KEYS, CompressSettings, Context
+from distillab.models import CNN
+from distillab.settings import ConfigError
+
+OPTIONS = conf.options("compress")
+#: the parameters every compressor gets from the run
+PROVIDED = ("model", "context")
+SHAPE = (1, 8, 8)
+
+
+def node_of(option: str) -> dict:
+    return OmegaConf.to_container(conf.load("compress", option))
+
+
+def steps_of(node: dict) -> list[dict]:
+    """The method nodes of an option: the node itself, or the steps of a chain."""
+    return node["steps"] if node.get("steps") else [node]
+
+
+def values_of(step: dict) -> dict:
+    """A method node's settings: everything but ``_target_``, ``_partial_`` and the pipeline's keys."""
+    return {key: value for key, value in step.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
+
+
+def test_every_option_is_listed():
+    assert set(OPTIONS) == {
+        "none",
+        "prune_structured",
+        "prune_structured+quant_static",
+        "prune_unstructured",
+        "qat",
+        "quant_dynamic",
+        "quant_static",
+    }
+
+
+def test_none_is_only_an_amount():
+    node = node_of("none")
+    assert node == {"amount": None} and compress.is_none(node)
+    assert compress.is_none(conf.load("compress", "none"))
+    assert not any(compress.is_none(conf.load("compress", option)) for option in OPTIONS if option != "none")
+
+
+@pytest.mark.parametrize("option", [option for option in OPTIONS if option != "none"])
+def test_declaration_from_source_is_the_imported_one(option):
+    for step in steps_of(node_of(option)):
+        target = step["_target_"]
+        from_source = settings._SourceReader().find(target)
+        assert from_source is not None, f"{target}: not readable from source"
+        imported = settings._by_import(target)
+        assert list(from_source.settings) == list(imported.settings)
+        assert from_source.open == imported.open is False
+        for name, setting in from_source.settings.items():
+            assert setting.default == imported.settings[name].default, (target, name)
+            if name in PROVIDED:
+                continue  # nn.Module and Context: the source reader does not import torch
+            assert setting.kind == imported.settings[name].kind, (target, name)
+            assert setting.kind is not Any, (target, name)
+            assert setting.default is settings.REQUIRED, f"{target}: {name} has a Python default; the YAML holds it"
+
+
+@pytest.mark.parametrize("option", [option for option in OPTIONS if option != "none"])
+def test_option_values_pass_the_declaration_and_list_every_setting(option):
+    node = node_of(option)
+    for step in steps_of(node):
+        target, values = step["_target_"], values_of(step)
+        assert step["_partial_"] is True
+        settings.check("compress", values, target, provided=PROVIDED, partial=True)
+        declared = settings.declaration(target).settings
+        # every setting has its value in the YAML (amount: the pipeline key of the node)
+        wanted = {name for name in declared if name not in PROVIDED}
+        given = set(values) | ({"amount"} if "amount" in declared and "amount" in node else set())
+        assert given == wanted, target
+        settings.check(
+            "compress",
+            {**values, **({"amount": node["amount"]} if "amount" in declared else {})},
+            target,
+            provided=PROVIDED,
+        )
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_pipeline_keys_pass_compress_settings(option):
+    node = node_of(option)
+    keys = {key: node[key] for key in ("target", "finetune_epochs", "amount") if key in node}
+    settings.check("compress", keys, "distillab.compress.CompressSettings", partial=option == "none")
+    if option != "none":
+        assert settings.build(CompressSettings, keys) == CompressSettings(**keys)
+
+
+def test_compress_settings_declaration():
+    from_source = settings._SourceReader().find("distillab.compress.CompressSettings")
+    imported = settings._by_import("distillab.compress.CompressSettings")
+    assert list(from_source.settings) == list(imported.settings) == ["target", "finetune_epochs", "amount"]
+    for name, setting in from_source.settings.items():
+        assert setting.kind == imported.settings[name].kind and setting.default is settings.REQUIRED
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(CompressSettings))
+
+
+@pytest.mark.parametrize(
+    "option,key,value,allowed",
+    [
+        ("prune_structured", "importance", "l3", "one of l1, l2, bn_scale, taylor"),
+        ("prune_structured", "amount", 1.5, "a fraction in (0, 1), or null"),
+        ("prune_structured", "iterative_steps", 0, "an integer >= 1"),
+        ("prune_structured", "target_params", 0, "an integer >= 1, or null"),
+        ("prune_unstructured", "amount", 1.5, "a fraction in (0, 1)"),
+        ("prune_unstructured", "scope", "net", "one of global, layer"),
+        ("prune_unstructured", "schedule", "slow", "one of oneshot, gradual"),
+        ("quant_static", "calibration_batches", 0, "an integer >= 1"),
+        ("quant_static", "engine", "arm", "one of x86, fbgemm, qnnpack"),
+        ("quant_static", "per_channel", "yes", "true or false"),
+        ("qat", "engine", "arm", "one of x86, fbgemm, qnnpack"),
+        ("qat", "calibration_batches", 0, "an integer >= 1"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key_and_the_allowed_values(option, key, value, allowed):
+    node = node_of(option)
+    values = {**values_of(node), key: value}
+    with pytest.raises(ConfigError) as caught:
+        settings.check("compress", values, node["_target_"], provided=PROVIDED, partial=True)
+    assert str(caught.value) == f"compress.{key}={value!r} is not allowed: {allowed}"
+
+
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("amount", 1.5, "a fraction in (0, 1), or null"),
+        ("target", "both", "one of student, teacher"),
+        ("finetune_epochs", -1, "an integer >= 0"),
+    ],
+)
+def test_a_bad_pipeline_key_is_one_line(key, value, allowed):
+    keys = {"target": "student", "finetune_epochs": 0, "amount": None, key: value}
+    with pytest.raises(ConfigError) as caught:
+        settings.build(CompressSettings, keys)
+    assert str(caught.value) == f"{key}={value!r} is not allowed: {allowed}"
+
+
+def test_an_unknown_setting_is_one_line():
+    with pytest.raises(ConfigError) as caught:
+        settings.check(
+            "compress", {"engines": "x86"}, "distillab.compress.quantize.static", provided=PROVIDED, partial=True
+        )
+    assert str(caught.value) == (
+        "compress.engines is not a known key; allowed keys of compress: calibration_batches, per_channel, engine"
+    )
+
+
+# -- methods() and apply() ------------------------------------------------------------------------
+def unwrapped(method: functools.partial) -> tuple[object, dict]:
+    """The function of a (possibly nested) partial and all its keywords."""
+    keywords: dict = {}
+    while isinstance(method, functools.partial):
+        keywords = {**method.keywords, **keywords}
+        method = method.func
+    return method, keywords
+
+
+def test_methods_give_amount_only_to_methods_that_take_it():
+    ((function, keywords),) = map(unwrapped, compress.methods(conf.load("compress", "prune_structured")))
+    assert function.__name__ == "structured" and keywords["amount"] == 0.5
+    assert keywords["importance"] == "l1" and "target" not in keywords and "finetune_epochs" not in keywords
+    ((function, keywords),) = map(unwrapped, compress.methods(conf.load("compress", "quant_static")))
+    assert function.__name__ == "static" and "amount" not in keywords and keywords["engine"] == "x86"
+    node = conf.load("compress", "prune_structured+quant_static")
+    node.amount = 0.3
+    (_, pruning), (_, static) = map(unwrapped, compress.methods(node))
+    assert pruning["amount"] == 0.3 and "amount" not in static
+    # a budget instead of amount: null still reaches the function, whose declaration allows it
+    node = conf.load("compress", "prune_structured")
+    node.amount, node.target_params = None, 1000
+    ((_, keywords),) = map(unwrapped, compress.methods(node))
+    assert keywords["amount"] is None and keywords["target_params"] == 1000
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        yield torch.randn(16, *SHAPE, generator=generator), torch.randint(0, 10, (16,)), torch.arange(16)
+
+
+def test_apply_names_a_chain_after_its_option():
+    torch.manual_seed(0)
+    model = CNN(SHAPE, 10, width=8, blocks=2, dropout=0.0).eval()
+    node = conf.load("compress", "prune_structured+quant_static")
+    result, float_model = compress.apply(node, model, Context(SHAPE, _batches), "prune_structured+quant_static")
+    assert result.method == "prune_structured+quant_static"
+    assert float_model is not model and float_model.classifier.in_features == model.classifier.in_features // 2
+    single, _ = compress.apply(conf.load("compress", "quant_static"), model, Context(SHAPE, _batches), "quant_static")
+    assert single.method == "quant_static"
+
+
+def test_a_method_called_with_a_bad_value_says_so():
+    node = conf.load("compress", "prune_unstructured")
+    node.amount = 1.5
+    with pytest.raises(ConfigError) as caught:
+        compress.apply(
+            node, CNN(SHAPE, 10, width=8, blocks=1, dropout=0.0), Context(SHAPE, _batches), "prune_unstructured"
+        )
+    assert str(caught.value) == "amount=1.5 is not allowed: a fraction in (0, 1)"
+
+
+# a fresh interpreter reads every compressor's declaration and checks every option's values
+_WITHOUT_TORCH = """
+import json, sys
+from omegaconf import OmegaConf
+from distillab import conf, settings
+PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "steps")
+kinds = {}
+for option in conf.options("compress"):
+    node = OmegaConf.to_container(conf.load("compress", option))
+    for step in node.get("steps") or ([node] if "_target_" in node else []):
+        values = {k: v for k, v in step.items() if k not in ("_target_", "_partial_", *PIPELINE_KEYS)}
+        settings.check("compress", values, step["_target_"], provided=("model", "context"), partial=True)
+        declared = settings.declaration(step["_target_"]).settings
+        kinds[step["_target_"]] = {name: repr(s.kind) for name, s in declared.items()}
+print(json.dumps({"kinds": kinds, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_declarations_are_read_without_importing_torch():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout)
+    assert found["torch"] is False
+    assert set(found["kinds"]) == {
+        "distillab.compress.prune.structured",
+        "distillab.compress.prune.unstructured",
+        "distillab.compress.quantize.dynamic",
+        "distillab.compress.quantize.static",
+        "distillab.compress.quantize.qat",
+    }
+    for target, kinds in found["kinds"].items():
+        imported = settings._by_import(target).settings
+        assert list(kinds) == list(imported), target
+        # model and context: torch is not imported there, so their kinds are opaque stand-ins
+        assert {name: kind for name, kind in kinds.items() if name not in PROVIDED} == {
+            name: repr(s.kind) for name, s in imported.items() if name not in PROVIDED
+        }, target
