@@ -1,12 +1,37 @@
+"""The built-in datamodules: splits, batches, and their settings (declared on the constructor,
+valued in conf/data/, checked up front without torch and again when built from Python)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
+from distillab import build, conf, settings
 from distillab.data import DigitsDataModule, SyntheticDataModule, TensorBatches
+from distillab.settings import ConfigError
+from tests import declarations
+from tests.conftest import ROOT
+
+
+def digits(**overrides: Any) -> DigitsDataModule:
+    return conf.build("data", "digits", **overrides)
+
+
+def synthetic(**overrides: Any) -> SyntheticDataModule:
+    return conf.build("data", "synthetic", **overrides)
 
 
 def test_digits_split_is_stratified_fixed_and_complete():
-    data = DigitsDataModule(val_fraction=0.15, test_fraction=0.15, split_seed=0)
+    data = digits(val_fraction=0.15, test_fraction=0.15, split_seed=0)
     sizes = data.split_sizes
     assert sum(sizes.values()) == 1797
     assert sizes == {"train": 1257, "val": 270, "test": 270}
@@ -16,14 +41,14 @@ def test_digits_split_is_stratified_fixed_and_complete():
         counts = torch.bincount(data.splits[name][1], minlength=10).numpy()
         expected = np.bincount(__import__("sklearn.datasets").datasets.load_digits().target) * sizes[name] / 1797
         assert np.all(np.abs(counts - expected) <= 1.5), (name, counts, expected)
-    again = DigitsDataModule(split_seed=0)
+    again = digits(split_seed=0)
     assert torch.equal(again.splits["test"][0], data.splits["test"][0])
-    other = DigitsDataModule(split_seed=1)
+    other = digits(split_seed=1)
     assert not torch.equal(other.splits["test"][1], data.splits["test"][1])
 
 
 def test_splits_are_disjoint():
-    data = SyntheticDataModule(num_samples=300, data_seed=3)
+    data = synthetic(num_samples=300, data_seed=3)
     data.setup()
     x_all, _ = data.load_arrays()
     rows = {name: {tuple(row.flatten().tolist()) for row in data.splits[name][0]} for name in data.splits}
@@ -55,7 +80,135 @@ def test_drop_last_and_sharding_across_ranks():
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (20,)])
 def test_synthetic_any_shape(shape):
-    data = SyntheticDataModule(input_shape=shape, num_classes=5, num_samples=100)
+    data = synthetic(input_shape=list(shape), num_classes=5, num_samples=100)
     assert data.input_shape == shape and data.num_classes == 5
     xb, yb, _ = next(iter(data.train_dataloader()))
     assert xb.shape[1:] == shape
+
+
+# -- settings ---------------------------------------------------------------------------------------
+OPTIONS = conf.options("data")
+
+
+def _yaml(option: str) -> tuple[str, dict]:
+    values = OmegaConf.to_container(conf.load("data", option))
+    return values.pop("_target_"), values
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_declaration_read_from_source_is_the_imported_one(option):
+    target, values = _yaml(option)
+    from_source, imported = settings.declaration(target), settings._by_import(target)
+    assert declarations.described(from_source) == declarations.described(imported)
+    assert all(s.kind is not Any for s in from_source.settings.values())  # every setting has a type
+    settings.check("data", values, target)
+    # each value is written once: every setting in the YAML, no default in the code
+    assert set(values) == set(imported.settings)
+    assert all(s.default is settings.REQUIRED for s in imported.settings.values())
+
+
+def test_declarations_are_read_without_importing_torch():
+    done = subprocess.run(
+        [sys.executable, str(Path(declarations.__file__)), "data"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["torch"] is False and sorted(found["options"]) == OPTIONS
+    for option, entry in found["options"].items():
+        assert entry["problem"] is None, option
+
+
+_COMMAND_LINE = """
+import sys
+from distillab import cli
+try:
+    cli.check_command_line(sys.argv[1:])
+except SystemExit as done:
+    print("exit", done.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.val_fraction=2", "data.val_fraction=2 is not allowed: a fraction in (0, 1)"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed: an integer >= 1"),
+        ("data.labelled_fraction=1.5", "data.labelled_fraction=1.5 is not allowed: a fraction in (0, 1]"),
+        ("data.normalize=maybe", "data.normalize='maybe' is not allowed: true or false"),
+        ("data.eval_batchsize=8", "data.eval_batchsize is not a known key; allowed keys of data: "),
+    ],
+)
+def test_a_bad_value_is_one_line_before_torch_is_imported(override, message):
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMAND_LINE, override], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.stdout.split() == ["exit", "2", "False"], (done.stdout, done.stderr)
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+
+
+def test_the_command_line_exits_2_with_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "data.val_fraction=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: data.val_fraction=2 is not allowed: a fraction in (0, 1)"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("option", "overrides", "message"),
+    [
+        (
+            "digits",
+            {"val_fraction": 0.6, "test_fraction": 0.5},
+            "data.val_fraction=0.6 is not allowed: val_fraction + test_fraction must be < 1 (now 1.1)",
+        ),
+        (
+            "synthetic",
+            {"num_samples": 50},
+            "data.num_samples=50 is not allowed: at least 10 per class (>= 100 for 10 classes)",
+        ),
+        ("synthetic", {"input_shape": []}, "data.input_shape=[] is not allowed: a list of sizes"),
+        ("synthetic", {"input_shape": [3, 0]}, "data.input_shape=[3, 0] is not allowed: a list of sizes >= 1"),
+        ("synthetic", {"num_classes": 1}, "data.num_classes=1 is not allowed: an integer >= 2"),
+        ("mnist", {"root": "data", "max_shift": 9}, "data.max_shift=9 is not allowed: pixels in [0, 8]"),
+        ("cifar10", {"root": "data", "val_size": 0}, "data.val_size=0 is not allowed: an integer >= 1 (images taken"),
+    ],
+)
+def test_a_constructor_refuses_bad_values_in_one_line(option, overrides, message):
+    """Cross-field checks live in the constructor; a value out of its declared range is refused
+    there too when the datamodule is built from Python (``@checked``)."""
+    node = conf.load("data", option)
+    node.merge_with(overrides)
+    with pytest.raises(ConfigError) as caught:
+        build.part("data", node)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    values = OmegaConf.to_container(node, resolve=True)
+    cls = get_class(values.pop("_target_"))
+    with pytest.raises(ConfigError) as caught:
+        cls(**values)
+    assert f"data.{caught.value}".startswith(message)
+
+
+def test_constructors_have_no_defaults_of_their_own():
+    with pytest.raises(TypeError, match="missing"):
+        DigitsDataModule(batch_size=8)
+    data = DigitsDataModule(
+        val_fraction=0.2,
+        test_fraction=0.2,
+        normalize=False,
+        batch_size=8,
+        eval_batch_size=8,
+        split_seed=0,
+        labelled_fraction=1.0,
+    )
+    assert data.split_sizes["test"] == 360 and not data.normalize

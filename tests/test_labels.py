@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 
-from distillab import pipeline, teachers
+from distillab import conf, pipeline
 from distillab.config import ConfigError
 from distillab.data import DigitsDataModule
 from distillab.distill.labels import UNLABELLED, labelled_cross_entropy, labelled_subset
-from distillab.distill.losses import CrossEntropy, kd_terms, soft_kl
+from distillab.distill.methods.kd import kd_terms, soft_kl
+from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.module import ClassifierModule, _EpochTotals
+from tests.conftest import teacher_key
 
 U = UNLABELLED
 
@@ -31,8 +33,7 @@ def test_labelled_cross_entropy_is_the_mean_over_labelled_rows():
     assert float(value) == pytest.approx(expected, rel=1e-6)
     # all labelled: plain cross-entropy
     full = labelled_cross_entropy(torch.tensor(rows), torch.tensor([2, 0, 1, 0]))
-    assert float(full) == pytest.approx(sum(hand_cross_entropy(r, t) for r, t in zip(rows, [2, 0, 1, 0])) / 4,
-                                        rel=1e-6)
+    assert float(full) == pytest.approx(sum(hand_cross_entropy(r, t) for r, t in zip(rows, [2, 0, 1, 0])) / 4, rel=1e-6)
 
 
 def test_a_batch_without_labels_gives_zero_and_finite_gradients():
@@ -68,7 +69,7 @@ def test_training_accuracy_counts_labelled_samples_only():
 
 # -- the labelled subset ------------------------------------------------------------------------
 def digits(**kwargs) -> DigitsDataModule:
-    data = DigitsDataModule(**kwargs)
+    data = conf.build("data", "digits", **kwargs)
     data.setup()
     return data
 
@@ -117,11 +118,14 @@ def test_the_train_loader_hides_the_other_labels_and_val_test_keep_theirs():
     assert any(bool((y == U).any()) for _, y, _ in data.train_dataloader())  # restored
 
 
-@pytest.mark.parametrize(("override", "start"), [
-    ("data.labelled_fraction=0", "data.labelled_fraction=0.0 is not allowed: a fraction in (0, 1]"),
-    ("data.labelled_fraction=1.5", "data.labelled_fraction=1.5 is not allowed: a fraction in (0, 1]"),
-    ("teacher.recipe.labelled_fraction=0", "teacher.recipe.labelled_fraction=0.0 is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("override", "start"),
+    [
+        ("data.labelled_fraction=0", "data.labelled_fraction=0 is not allowed: a fraction in (0, 1]"),
+        ("data.labelled_fraction=1.5", "data.labelled_fraction=1.5 is not allowed: a fraction in (0, 1]"),
+        ("teacher.recipe.labelled_fraction=0", "teacher.recipe.labelled_fraction=0 is not allowed"),
+    ],
+)
 def test_a_fraction_out_of_range_is_a_one_line_error(make_cfg, override, start):
     with pytest.raises(ConfigError) as info:
         pipeline.run(make_cfg(override))
@@ -142,7 +146,7 @@ def teacher_batches(make_cfg, monkeypatch, *overrides: str) -> tuple[list[tuple]
     monkeypatch.setattr(ClassifierModule, "training_step", spy)
     cfg = make_cfg("data.labelled_fraction=0.1", "teacher.recipe.max_epochs=1", "teacher.width=8", *overrides)
     parts = pipeline.prepare(cfg)
-    teacher = pipeline.obtain_teacher(cfg, parts.teacher, parts.data)
+    teacher = pipeline.obtain_teacher(cfg, parts)
     assert teacher.cache == "miss"
     return batches, parts.data, teacher.key
 
@@ -156,7 +160,7 @@ def test_the_teacher_trains_on_every_label(make_cfg, monkeypatch):
     # the student's loader hides labels again afterwards
     assert sum(int((y == U).sum()) for _, y, _ in data.train_dataloader()) == len(y_train) - 126
     # the student's share of labels is not part of the teacher's identity
-    assert key == teachers.cache_key(make_cfg("teacher.recipe.max_epochs=1", "teacher.width=8"))
+    assert key == teacher_key(make_cfg("teacher.recipe.max_epochs=1", "teacher.width=8"))
 
 
 def test_a_teacher_recipe_may_use_a_share_of_the_labels(make_cfg, monkeypatch):
@@ -164,8 +168,7 @@ def test_a_teacher_recipe_may_use_a_share_of_the_labels(make_cfg, monkeypatch):
     targets, index = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     hidden = ~data.labelled_mask(0.5)[index]
     assert torch.equal(targets == U, hidden) and int(hidden.sum()) == 1257 - 629  # 628.5 rounds up
-    assert key != teachers.cache_key(make_cfg("data.labelled_fraction=0.1", "teacher.recipe.max_epochs=1",
-                                              "teacher.width=8"))
+    assert key != teacher_key(make_cfg("data.labelled_fraction=0.1", "teacher.recipe.max_epochs=1", "teacher.width=8"))
 
 
 # -- end to end ---------------------------------------------------------------------------------

@@ -12,16 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from distillab import cli, pipeline
+from distillab import build, cli, conf, pipeline
 from distillab.config import ConfigError, validate
-from distillab.data import DigitsDataModule, SyntheticDataModule
+from distillab.data import SyntheticDataModule, adapter
 from distillab.data.base import TensorBatches
-from distillab.distill import teacher_outputs
-from distillab.distill.losses import KDLoss
+from distillab.distill.methods.kd import KD
 from distillab.distill.module import DistillationModule
-from distillab.teachers import Teacher
+from distillab.teacher import outputs as teacher_outputs
+from distillab.teacher.cache import Teacher
 from tests.conftest import FAST, compose_cfg
+
+AUTO = teacher_outputs.OutputSettings(cache="auto", dtype="float32", top_k=None)
+
+
+def synthetic(**overrides) -> SyntheticDataModule:
+    return conf.build("data", "synthetic", **overrides)
+
+
+def KDLoss(lam: float = 0.5, temperature: float = 2.0) -> KD:  # noqa: N802 - the method, with test values
+    return KD(lam=lam, temperature=temperature)
 
 
 class JitteredSynthetic(SyntheticDataModule):
@@ -48,11 +59,11 @@ class Echo(nn.Module):
 
 def _cnn_teacher_and_data(tmp_path: Path) -> tuple[nn.Module, nn.Module, object]:
     cfg = compose_cfg([], tmp_path / "run")
-    data = pipeline._build("data", cfg.data)
-    data.setup()
+    data = build.part("data", cfg.data)
+    info = adapter.prepare(data, 0)
     torch.manual_seed(1)
-    teacher = pipeline.build_model("teacher", cfg.teacher, data)
-    student = pipeline.build_model("student", cfg.student, data)
+    teacher = build.model("teacher", cfg.teacher, info)
+    student = build.model("student", cfg.student, info)
     # logits of a confident teacher, as a trained one gives (an untrained one's are near 0)
     head = [module for module in teacher.modules() if isinstance(module, nn.Linear)][-1]
     with torch.no_grad():
@@ -95,13 +106,13 @@ def _logged(run: Path) -> list[dict[str, str]]:
 
 def test_fit_equals_live_teacher_and_table_is_computed_once(tmp_path, monkeypatch, caplog):
     computed: list[int] = []
-    compute = teacher_outputs.compute
+    forward = teacher_outputs._forward
 
     def counting(model, inputs, *args, **kwargs):
         computed.append(len(inputs))
-        return compute(model, inputs, *args, **kwargs)
+        return forward(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(teacher_outputs, "compute", counting)
+    monkeypatch.setattr(teacher_outputs, "_forward", counting)
     cache = tmp_path / "cache"
     common = [*FAST, "trainer.max_epochs=2", "teacher.recipe.max_epochs=2"]
 
@@ -109,11 +120,11 @@ def test_fit_equals_live_teacher_and_table_is_computed_once(tmp_path, monkeypatc
         cfg = compose_cfg([*common, f"teacher_outputs.cache={mode}"], tmp_path / name, cache)
         return pipeline.run(cfg)
 
-    with caplog.at_level(logging.INFO, logger="distillab.distill.teacher_outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
         live = run("live", "live")
         assert computed == [] and "teacher outputs: live: teacher_outputs.cache=live" in caplog.text
         first = run("first", "auto")
-        assert computed == [DigitsDataModule().split_sizes["train"]]  # once, over the whole training split
+        assert computed == [conf.build("data", "digits").split_sizes["train"]]  # once, over the whole training split
         stored = list((cache).glob("*/outputs/logits-*.pt"))
         assert len(stored) == 1 and "(miss)" in caplog.text
         mtime = stored[0].stat().st_mtime_ns
@@ -136,7 +147,7 @@ def test_fit_equals_live_teacher_and_table_is_computed_once(tmp_path, monkeypatc
 # -- rows follow the sample index ------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_rows_follow_the_sample_index_under_shuffling_and_sharding(world_size):
-    data = SyntheticDataModule(input_shape=(1, 4, 4), num_classes=4, num_samples=203, batch_size=16)
+    data = synthetic(input_shape=[1, 4, 4], num_classes=4, num_samples=203, batch_size=16)
     x, y = data.splits["train"]
     teacher = Echo(classes=4)
     table = teacher_outputs.compute(teacher, x, batch_size=7)  # batches of another size than training
@@ -157,6 +168,24 @@ def test_rows_follow_the_sample_index_under_shuffling_and_sharding(world_size):
         module.teacher_logits(x[:4], None)
 
 
+def test_the_digest_of_batches_is_the_digest_of_the_whole_tensor():
+    """A map-style training set is read batch by batch, in index order, never held whole: its
+    digest and table are those of the tensor of all its inputs."""
+    x, y = torch.randn(37, 3, 4, 4), torch.arange(37) % 3
+
+    def in_order(inputs: Tensor, batch_size: int) -> adapter.InputsInOrder:
+        return adapter.InputsInOrder(DataLoader(TensorDataset(inputs, y), batch_size=batch_size, shuffle=True))
+
+    whole = teacher_outputs.inputs_digest(x)
+    assert teacher_outputs.inputs_digest(in_order(x, 8)) == whole == teacher_outputs.inputs_digest(in_order(x, 64))
+    changed = x.clone()
+    changed[36, 0, 0, 0] += 1
+    assert teacher_outputs.inputs_digest(in_order(changed, 8)) != whole
+    echo = Echo(classes=3)
+    assert torch.equal(teacher_outputs.compute(echo, in_order(x, 5)), teacher_outputs.compute(echo, x, 7))
+    assert echo.samples_seen == 2 * 37
+
+
 def test_table_moves_with_the_module():
     module = DistillationModule(nn.Linear(16, 4), None, KDLoss(), teacher_table=torch.randn(10, 4))
     module.double()
@@ -167,13 +196,13 @@ def test_table_moves_with_the_module():
 def test_augmented_inputs_take_the_live_teacher_and_cached_fails_in_one_line(tmp_path, caplog):
     overrides = ["data=synthetic", "data._target_=tests.test_teacher_outputs.JitteredSynthetic"]
     cfg = compose_cfg([*FAST, *overrides], tmp_path / "auto", tmp_path / "cache")
-    data = JitteredSynthetic(num_samples=200)
-    assert data.augments and not SyntheticDataModule(num_samples=200).augments
-    mode, reason = teacher_outputs.decide(cfg, data, KDLoss())
+    data = build.part("data", cfg.data)
+    assert data.augments and not synthetic().augments
+    mode, reason = teacher_outputs.decide(AUTO, data, KDLoss())
     assert mode == "live" and "augmented" in reason
     teacher = Teacher(Echo(10), "k", "hit", tmp_path)
-    with caplog.at_level(logging.INFO, logger="distillab.distill.teacher_outputs"):
-        outputs = teacher_outputs.for_run(cfg, teacher, data, KDLoss())
+    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+        outputs = teacher_outputs.for_run(AUTO, "cpu", teacher, data, KDLoss())
     assert outputs.table is None and teacher.model.samples_seen == 0
     assert "teacher outputs: live: training batches are randomly augmented" in caplog.text
 
@@ -188,7 +217,7 @@ def test_augmented_inputs_take_the_live_teacher_and_cached_fails_in_one_line(tmp
 def test_feature_methods_take_the_live_teacher(tmp_path):
     cfg = compose_cfg(["distill=fitnet", "student=cnn", "student.width=8"], tmp_path / "run")
     parts = pipeline.prepare(cfg)
-    mode, reason = teacher_outputs.decide(cfg, parts.data, parts.loss)
+    mode, reason = teacher_outputs.decide(AUTO, parts.data, parts.method)
     assert mode == "live" and "features" in reason
     cfg.teacher_outputs.cache = "cached"
     with pytest.raises(ConfigError, match="^teacher_outputs.cache=cached .*features"):
@@ -198,23 +227,30 @@ def test_feature_methods_take_the_live_teacher(tmp_path):
 def test_no_teacher_needed_means_no_table(tmp_path):
     cfg = compose_cfg(["distill=none", "teacher_outputs.cache=cached"], tmp_path / "run")
     parts = pipeline.prepare(cfg)
-    assert teacher_outputs.decide(cfg, parts.data, parts.loss)[0] == "none"
+    cached = teacher_outputs.OutputSettings(cache="cached", dtype="float32", top_k=None)
+    assert teacher_outputs.decide(cached, parts.data, parts.method)[0] == "none"
 
 
-@pytest.mark.parametrize("override,key", [
-    ("teacher_outputs.cache=sometimes", "teacher_outputs.cache"),
-    ("teacher_outputs.dtype=float8", "teacher_outputs.dtype"),
-    ("teacher_outputs.top_k=0", "teacher_outputs.top_k"),
-    ("teacher_outputs.topk=5", "teacher_outputs.topk"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("teacher_outputs.cache=sometimes", "teacher_outputs.cache"),
+        ("teacher_outputs.dtype=float8", "teacher_outputs.dtype"),
+        ("teacher_outputs.top_k=0", "teacher_outputs.top_k"),
+        ("teacher_outputs.topk=5", "teacher_outputs.topk"),
+    ],
+)
 def test_bad_settings_fail_in_one_line(override, key, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.check_command_line([override])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err, err
-    validate(compose_cfg(["teacher_outputs.cache=live", "teacher_outputs.dtype=float16",
-                          "teacher_outputs.top_k=3"], tmp_path))
+    validate(
+        compose_cfg(
+            ["teacher_outputs.cache=live", "teacher_outputs.dtype=float16", "teacher_outputs.top_k=3"], tmp_path
+        )
+    )
 
 
 # -- fp16, top-k and storage ----------------------------------------------------------------------
@@ -247,9 +283,15 @@ def test_stored_table_round_trips_and_a_broken_file_is_recomputed(tmp_path):
     again, source, _ = teacher_outputs.obtain_table(teacher, x, tmp_path, "key", "float16", top_k=2)
     assert source == "hit" and torch.equal(again, table) and teacher.samples_seen == 50
     # other inputs, another teacher or other settings never get this table
-    names = {teacher_outputs.obtain_table(teacher, x_, tmp_path, key, dtype, top_k=k)[2].name
-             for x_, key, dtype, k in [(x + 1, "key", "float16", 2), (x, "other", "float16", 2),
-                                       (x, "key", "float32", 2), (x, "key", "float16", None)]}
+    names = {
+        teacher_outputs.obtain_table(teacher, x_, tmp_path, key, dtype, top_k=k)[2].name
+        for x_, key, dtype, k in [
+            (x + 1, "key", "float16", 2),
+            (x, "other", "float16", 2),
+            (x, "key", "float32", 2),
+            (x, "key", "float16", None),
+        ]
+    }
     assert len(names) == 4 and path.name not in names
     path.write_bytes(b"truncated")
     seen = teacher.samples_seen

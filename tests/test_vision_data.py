@@ -5,7 +5,6 @@ one-line error when the files are missing and there is no network."""
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +16,14 @@ import torch
 import torchvision
 import torchvision.transforms.functional as TF
 
-from distillab import pipeline, results
+from distillab import conf, pipeline, results
 from distillab.config import ConfigError
 from distillab.data.vision import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     FashionMNISTDataModule,
     MNISTDataModule,
+    VisionDataModule,
     shift_and_flip,
     stratified_subset,
 )
@@ -44,9 +44,19 @@ EXPECTED = {
     "cifar100": ((3, 32, 32), 100, 300, 100, 100, "cifar-100-python"),
 }
 # a dead proxy: any download attempt fails at once, with or without a network
-NO_NETWORK_ENV = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-                  "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-                  "no_proxy": "", "NO_PROXY": ""}
+NO_NETWORK_ENV = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "",
+    "NO_PROXY": "",
+}
+
+
+def vision(name: str, root: Path, **overrides) -> VisionDataModule:
+    """The datamodule ``conf/data/<name>.yaml`` configures, reading its files from ``root``."""
+    return conf.build("data", name, root=str(root), **overrides)
 
 
 def _normalised(images: np.ndarray, module) -> torch.Tensor:
@@ -94,7 +104,7 @@ def test_loads_the_fixture_through_torchvision(name, dataset_root, monkeypatch, 
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch_class, "__init__", spy)
-    data = MODULES[name](root, download=True, val_size=val_size)
+    data = vision(name, root, download=True, val_size=val_size)
     data.setup()
     assert {(torch_class, True), (torch_class, False)} <= set(opened)
     assert not no_download  # the files were found: no download was attempted
@@ -136,7 +146,7 @@ def test_validation_split_depends_on_split_seed_only(dataset_root):
     root, _ = dataset_root("cifar10")
 
     def val_labels_and_inputs(**kwargs):
-        data = CIFAR10DataModule(root, val_size=20, **kwargs)
+        data = vision("cifar10", root, val_size=20, **kwargs)
         return data.splits["val"]
 
     first, again = val_labels_and_inputs(split_seed=0), val_labels_and_inputs(split_seed=0, batch_size=7)
@@ -161,7 +171,7 @@ def test_stratified_subset_keeps_class_shares_and_exact_size():
 def test_val_size_not_below_the_training_set_is_a_one_line_error(dataset_root):
     root, _ = dataset_root("mnist")
     with pytest.raises(ConfigError) as caught:
-        MNISTDataModule(root, val_size=60).setup()
+        vision("mnist", root, val_size=60).setup()
     message = str(caught.value)
     assert "\n" not in message and message.startswith("data.val_size=60 is not allowed")
     assert "60 images of the MNIST training set" in message
@@ -183,21 +193,22 @@ def test_cifar_crop_and_flip_matches_torchvision_on_raw_pixels(dataset_root):
     """Padding by 4 black pixels, cropping at (top, left) and flipping the raw image, then
     normalising, equals shifting the normalised image by (4 - top, 4 - left)."""
     root, arrays = dataset_root("cifar10")
-    data = CIFAR10DataModule(root, augment=True)
+    data = vision("cifar10", root, augment=True)
     raw = torch.as_tensor(arrays["test"][0][:3])
     tops, lefts, flips = [0, 8, 3], [8, 0, 5], [False, True, True]
     expected = []
     for image, top, left, flip in zip(raw, tops, lefts, flips):
         crop = TF.crop(TF.pad(image, [4], fill=0), top, left, 32, 32)
         expected.append(TF.hflip(crop) if flip else crop)
-    got = shift_and_flip(data.normalise(raw), 4 - torch.tensor(tops), 4 - torch.tensor(lefts), 4,
-                         data.black(), flip=torch.tensor(flips))
+    got = shift_and_flip(
+        data.normalise(raw), 4 - torch.tensor(tops), 4 - torch.tensor(lefts), 4, data.black(), flip=torch.tensor(flips)
+    )
     torch.testing.assert_close(got, data.normalise(torch.stack(expected)))
 
 
 def test_cifar_augment_is_a_random_crop_and_flip_of_each_image(dataset_root):
     root, _ = dataset_root("cifar10")
-    data = CIFAR10DataModule(root, augment=True, val_size=20)
+    data = vision("cifar10", root, augment=True, val_size=20)
     assert data.augments and data.max_shift == 4
     x = data.splits["train"][0][:40]
     out = data.augment(x, generator=torch.Generator().manual_seed(0))
@@ -211,8 +222,12 @@ def test_cifar_augment_is_a_random_crop_and_flip_of_each_image(dataset_root):
             for dy in range(-4, 5)
             for dx in range(-4, 5)
             for flip in (False, True)
-            if torch.equal(out[i], shift_and_flip(x[i : i + 1], torch.tensor([dy]), torch.tensor([dx]), 4, black,
-                                                  flip=torch.tensor([flip]))[0])
+            if torch.equal(
+                out[i],
+                shift_and_flip(
+                    x[i : i + 1], torch.tensor([dy]), torch.tensor([dx]), 4, black, flip=torch.tensor([flip])
+                )[0],
+            )
         ]
         assert found, f"augmented image {i} is no crop/flip of its input"
         seen.update(found)
@@ -226,7 +241,7 @@ def test_cifar_augment_is_a_random_crop_and_flip_of_each_image(dataset_root):
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_mnist_translation_keeps_pixel_mass(name, dataset_root):
     root, _ = dataset_root(name)
-    data = MODULES[name](root, augment=True, max_shift=2, val_size=20)
+    data = vision(name, root, augment=True, max_shift=2, val_size=20)
     assert data.augments and data.max_shift <= BORDER
     x = data.splits["train"][0]
     out = data.augment(x, generator=torch.Generator().manual_seed(1))
@@ -249,12 +264,12 @@ def test_mnist_translation_keeps_pixel_mass(name, dataset_root):
 
 def test_no_augmentation_unless_asked(dataset_root):
     root, _ = dataset_root("cifar10")
-    plain = CIFAR10DataModule(root, augment=False, val_size=20)
+    plain = vision("cifar10", root, augment=False, val_size=20)
     assert plain.augments is False
     x = plain.splits["train"][0][:8]
     assert plain.augment(x) is x
-    assert MNISTDataModule(root, augment=True, max_shift=0).augments is False
-    assert MNISTDataModule(root, augment=True).augments is True
+    assert vision("mnist", root, augment=True, max_shift=0).augments is False
+    assert vision("mnist", root, augment=True, max_shift=2).augments is True
 
 
 # -- whole runs ----------------------------------------------------------------------------------
@@ -273,8 +288,16 @@ def test_config_files(name, make_cfg, monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_a_whole_run_on_the_fixture(name, dataset_root, make_cfg, tmp_path, monkeypatch):
     root, _ = dataset_root(name)
-    cfg = make_cfg(f"data={name}", f"data.root={root}", "data.val_size=20", "data.batch_size=32",
-                   "teacher.width=8", "teacher.blocks=1", "trainer.max_epochs=1", "teacher.recipe.max_epochs=1")
+    cfg = make_cfg(
+        f"data={name}",
+        f"data.root={root}",
+        "data.val_size=20",
+        "data.batch_size=32",
+        "teacher.width=8",
+        "teacher.blocks=1",
+        "trainer.max_epochs=1",
+        "teacher.recipe.max_epochs=1",
+    )
     assert cfg.data.augment is (name == "cifar10")
     augmented = []
     original = MODULES[name].augment
@@ -302,7 +325,7 @@ def test_missing_files_without_network_is_a_one_line_error(name, tmp_path, no_do
     root = tmp_path / "empty"
     start = time.perf_counter()
     with pytest.raises(ConfigError) as caught:
-        MODULES[name](root, download=True).setup()
+        vision(name, root, download=True).setup()
     assert time.perf_counter() - start < 30
     assert no_download, "a download should have been tried"
     message = str(caught.value)
@@ -315,7 +338,7 @@ def test_missing_files_without_network_is_a_one_line_error(name, tmp_path, no_do
 
 def test_missing_files_with_download_off_says_so(tmp_path, no_download):
     with pytest.raises(ConfigError) as caught:
-        CIFAR100DataModule(tmp_path, download=False).setup()
+        vision("cifar100", tmp_path, download=False).setup()
     message = str(caught.value)
     assert "\n" not in message and not no_download
     assert message.startswith(f"data=cifar100: no CIFAR-100 files under {tmp_path / 'cifar-100-python'}")
@@ -328,11 +351,12 @@ def test_files_failing_the_md5_check_are_not_used(tmp_path, no_download):
     write = WRITERS["cifar10"]
     write(tmp_path)
     with pytest.raises(ConfigError) as caught:
-        CIFAR10DataModule(tmp_path).setup()
+        vision("cifar10", tmp_path).setup()
     message = str(caught.value)
     assert "\n" not in message and no_download
-    assert message.startswith(f"data=cifar10: the CIFAR-10 files under {tmp_path / 'cifar-10-batches-py'} "
-                              "are incomplete or corrupted")
+    assert message.startswith(
+        f"data=cifar10: the CIFAR-10 files under {tmp_path / 'cifar-10-batches-py'} are incomplete or corrupted"
+    )
     assert "data.root=" in message
     assert torchvision.datasets.cifar.check_integrity is torchvision.datasets.utils.check_integrity
 
@@ -341,8 +365,11 @@ def test_command_line_without_files_and_network(tmp_path):
     empty, run_dir = tmp_path / "empty", tmp_path / "run"
     empty.mkdir()
     start = time.perf_counter()
-    result = run_train(["data=cifar10", f"data.root={empty}", f"hydra.run.dir={run_dir}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"], env=NO_NETWORK_ENV, timeout=120)
+    result = run_train(
+        ["data=cifar10", f"data.root={empty}", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        env=NO_NETWORK_ENV,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-2000:]
@@ -354,29 +381,10 @@ def test_command_line_without_files_and_network(tmp_path):
     assert time.perf_counter() - start < 100
 
 
-# -- bring your own dataset -----------------------------------------------------------------------
-def test_bring_your_own_datamodule_example(tmp_path):
-    example = ROOT / "examples" / "my_datamodule"
-    run_dir = tmp_path / "run"
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(example)])}
-    # run from another folder: nothing may depend on the working directory
-    result = run_train(["--config-dir", str(example / "conf"), "data=my_data", "trainer.max_epochs=1",
-                        "teacher.recipe.max_epochs=1", "teacher.width=8", "teacher.blocks=1",
-                        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=env, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((run_dir / "results.json").read_text())
-    assert record["status"] == "ok" and record["dataset"] == "my_data"
-    results.check(record)
-    assert record["student"]["params"] == 144 * 32 + 32 + 32 * 4 + 4
-    assert "--config-dir examples/my_datamodule/conf data=my_data" in (example / "README.md").read_text()
-    assert Path(example / "conf" / "data" / "my_data.yaml").is_file()
-
-
 def test_a_teacher_recipe_can_switch_augmentation_for_its_own_training(tmp_path):
     root = tmp_path / "root"
     write_mnist(root)
-    data = MNISTDataModule(root, augment=False)
+    data = vision("mnist", root, augment=False)
     assert not data.augments
     with data.augmentation(True):
         assert data.augments

@@ -1,17 +1,12 @@
-"""A dataset of your own for distillab, as a plain LightningDataModule.
+"""A dataset of your own for distillab: a plain LightningDataModule, nothing distillab-specific.
 
-The pipeline uses exactly these members of a datamodule:
-
-* ``name``: the dataset's name in results.json;
-* ``setup()``: called once before anything else (load the data here);
-* ``describe()``: one line for the log;
-* ``input_shape`` and ``num_classes``: to build the teacher and the student;
-* ``shuffle_seed``: set by the pipeline to the run's seed (the order of training batches);
-* ``train_dataloader()``, ``val_dataloader()``, ``test_dataloader()``: batches ``(x, y)``
-  with float inputs and int64 class indices (the best validation accuracy picks the
-  checkpoint; test is evaluated once at the end).
-
-``split_sizes`` is not needed by the pipeline; it is here for ``describe()``.
+distillab calls ``setup()`` and the three dataloaders, whose batches are ``(inputs, labels)``
+pairs (float inputs, int64 class indices). It reads ``num_classes`` when the module has it
+(after ``setup``); the input shape it takes from the first training batch and the dataset's
+name from the class name. The training loader shuffles without a generator of its own, so
+the order of its batches follows the seed of the run. Because the training set is a map-style
+``TensorDataset`` without random transforms, a distillation run computes the teacher's logits
+once and reads them by sample index instead of running the teacher at every step.
 """
 
 from __future__ import annotations
@@ -30,14 +25,10 @@ class MyDataModule(pl.LightningDataModule):
     diagonal or anti-diagonal (4 classes), at a random place, with noise.
     """
 
-    name = "my_data"
-
-    def __init__(self, path: str | None = None, batch_size: int = 32, eval_batch_size: int = 256,
-                 split_seed: int = 0) -> None:
+    def __init__(self, path: str | None, batch_size: int, eval_batch_size: int, split_seed: int) -> None:
         super().__init__()
         self.path, self.split_seed = path, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.shuffle_seed = 0
         self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -46,7 +37,7 @@ class MyDataModule(pl.LightningDataModule):
         x, y = self._load()
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         n_holdout = len(y) * 15 // 100
-        parts = {"val": order[:n_holdout], "test": order[n_holdout : 2 * n_holdout], "train": order[2 * n_holdout :]}
+        parts = {"train": order[2 * n_holdout :], "val": order[:n_holdout], "test": order[n_holdout : 2 * n_holdout]}
         mean, std = x[parts["train"]].mean(), x[parts["train"]].std()
         self.splits = {name: TensorDataset((x[idx] - mean) / std, y[idx]) for name, idx in parts.items()}
 
@@ -60,25 +51,12 @@ class MyDataModule(pl.LightningDataModule):
         return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.splits["train"].tensors[0].shape[1:])
-
-    @property
     def num_classes(self) -> int:
+        """The number of classes, known once ``setup()`` has loaded the labels."""
         return int(self.splits["train"].tensors[1].max()) + 1
 
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        return {name: len(split) for name, split in self.splits.items()}
-
-    def describe(self) -> str:
-        sizes = self.split_sizes
-        return (f"{self.name}: input {self.input_shape}, {self.num_classes} classes; "
-                f"train/val/test = {sizes['train']}/{sizes['val']}/{sizes['test']}")
-
     def train_dataloader(self) -> DataLoader:
-        order = torch.Generator().manual_seed(self.shuffle_seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=order)
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.eval_batch_size)

@@ -3,6 +3,11 @@
 For data that fits in memory as tensors (digits is 1,797 8×8 images) a DataLoader's
 per-sample indexing and collation costs more than the student's whole step, so batches are
 sliced from preloaded tensors instead: one index op per batch, no workers.
+
+``InMemoryDataModule`` is that path (any split held as tensors); ``ArrayDataModule`` adds the
+stratified train/val/test split of one array by fractions (digits, synthetic). Their settings
+are the typed parameters of their constructors (``distillab.settings``); the values are in
+``conf/data/<name>.yaml``, the one place a default is written.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import abc
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,8 +25,14 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from distillab.distill.labels import hide_labels, labelled_subset
+from distillab.settings import ConfigError, Count, Fraction, Range, Seed, checked
 
 log = logging.getLogger(__name__)
+
+#: the share of the training labels the student sees
+LabelledFraction = Annotated[
+    float, Range(0, 1, low_open=True, what="a fraction", note="of the training labels the student sees; 1 = all")
+]
 
 
 class TensorBatches:
@@ -74,12 +85,17 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+@checked
 class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
-    """Base class: a subclass implements ``load_arrays()`` returning all features and labels;
-    this class makes the fixed-seed stratified train/val/test split and serves batches.
+    """Base class of the built-in datamodules: train/val/test splits held as tensors, served
+    by ``TensorBatches`` (batches ``(x, y, index)``, so cached teacher outputs need no wrapper),
+    with switches for the teacher's recipe (``augmentation``, ``labelled``). A subclass
+    implements ``make_splits()`` (``ArrayDataModule`` by fractions of one array; the vision
+    datamodules from the official training and test sets).
 
     The split depends on ``split_seed`` only, not on the run's ``seed``, so every seed of a
-    sweep (and the cached teacher) sees the same train/val/test samples.
+    sweep (and the cached teacher) sees the same train/val/test samples; the order of training
+    batches follows ``shuffle_seed``, which the run sets to its seed.
 
     ``labelled_fraction`` < 1 keeps the labels of that share of the training split only (a
     stratified subset drawn with ``split_seed``, see ``distill.labels.labelled_subset``): the
@@ -90,21 +106,11 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     name = "in_memory"
 
     def __init__(
-        self,
-        batch_size: int = 64,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        normalize: bool = True,
-        labelled_fraction: float = 1.0,
+        self, batch_size: Count, eval_batch_size: Count, split_seed: Seed, labelled_fraction: LabelledFraction
     ) -> None:
         super().__init__()
-        if not 0 < labelled_fraction <= 1:
-            raise ValueError(f"labelled_fraction={labelled_fraction!r}: must be a fraction in (0, 1]")
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.split_seed, self.normalize = split_seed, normalize
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.split_seed = int(split_seed)
         self.labelled_fraction = float(labelled_fraction)
         self._serving_fraction = self.labelled_fraction  # the share of labels the train loader yields now
         self._labelled_masks: dict[float, Tensor] = {}
@@ -113,8 +119,8 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         self.use_augment = True  # datasets with an `augment` option set it from there
 
     @abc.abstractmethod
-    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """All features (N, C, H, W) or (N, D) and integer labels (N,) of the dataset."""
+    def make_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{"train"|"val"|"test": (x, y)}``: float32 inputs and int64 labels of each split."""
 
     @property
     def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -125,28 +131,6 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     def setup(self, stage: str | None = None) -> None:
         if not self._splits:
             self._splits = self.make_splits()
-
-    def make_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Stratified train/val/test split of ``load_arrays()``, normalised with statistics of
-        the training split only, so nothing leaks from val/test. Datasets with an official
-        test set override this and carve only the validation split from their training set."""
-        x, y = self.load_arrays()
-        index = np.arange(len(y))
-        holdout = self.val_fraction + self.test_fraction
-        train_idx, rest_idx = train_test_split(index, test_size=holdout, stratify=y, random_state=self.split_seed)
-        val_idx, test_idx = train_test_split(
-            rest_idx, test_size=self.test_fraction / holdout, stratify=y[rest_idx], random_state=self.split_seed
-        )
-        x = torch.as_tensor(x, dtype=torch.float32)
-        y = torch.as_tensor(y, dtype=torch.long)
-        if self.normalize:
-            mean, std = x[train_idx].mean(), x[train_idx].std().clamp_min(1e-8)
-            x = (x - mean) / std
-        splits = {}
-        for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            idx = torch.as_tensor(np.sort(idx))
-            splits[name] = (x[idx].contiguous(), y[idx].contiguous())
-        return splits
 
     def augment(self, x: Tensor) -> Tensor:
         """Random augmentation of a training batch, on its device (none by default)."""
@@ -233,8 +217,7 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         return (
             f"{self.name}: {sum(sizes.values())} samples, input {self.input_shape}, "
             f"{self.num_classes} classes; split train/val/test = "
-            f"{sizes['train']}/{sizes['val']}/{sizes['test']} (split_seed={self.split_seed})"
-            + self._describe_labels()
+            f"{sizes['train']}/{sizes['val']}/{sizes['test']} (split_seed={self.split_seed})" + self._describe_labels()
         )
 
     def _describe_labels(self) -> str:
@@ -244,3 +227,45 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         return f"; labels for {count} of {total} training samples (labelled_fraction={self.labelled_fraction:g})"
 
 
+@checked
+class ArrayDataModule(InMemoryDataModule):
+    """A dataset that fits in memory as arrays: a subclass implements ``load_arrays()`` returning
+    all features and labels; this class makes the fixed-seed stratified train/val/test split
+    (``val_fraction``, ``test_fraction`` of the samples) and optionally standardises the inputs
+    with the training split's statistics (``normalize``)."""
+
+    def __init__(self, val_fraction: Fraction, test_fraction: Fraction, normalize: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        total = val_fraction + test_fraction
+        if total >= 1:
+            raise ConfigError(
+                f"val_fraction={val_fraction!r} is not allowed: val_fraction + test_fraction "
+                f"must be < 1 (now {total:g})"
+            )
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.normalize = bool(normalize)
+
+    @abc.abstractmethod
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All features (N, C, H, W) or (N, D) and integer labels (N,) of the dataset."""
+
+    def make_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Stratified train/val/test split of ``load_arrays()``, normalised with statistics of
+        the training split only, so nothing leaks from val/test."""
+        x, y = self.load_arrays()
+        index = np.arange(len(y))
+        holdout = self.val_fraction + self.test_fraction
+        train_idx, rest_idx = train_test_split(index, test_size=holdout, stratify=y, random_state=self.split_seed)
+        val_idx, test_idx = train_test_split(
+            rest_idx, test_size=self.test_fraction / holdout, stratify=y[rest_idx], random_state=self.split_seed
+        )
+        x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(y, dtype=torch.long)
+        if self.normalize:
+            mean, std = x[train_idx].mean(), x[train_idx].std().clamp_min(1e-8)
+            x = (x - mean) / std
+        splits = {}
+        for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+            idx = torch.as_tensor(np.sort(idx))
+            splits[name] = (x[idx].contiguous(), y[idx].contiguous())
+        return splits

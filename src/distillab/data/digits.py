@@ -3,11 +3,12 @@ from __future__ import annotations
 import numpy as np
 from sklearn.datasets import load_digits
 
-from distillab.data.base import InMemoryDataModule
+from distillab.data.base import ArrayDataModule
 
 
-class DigitsDataModule(InMemoryDataModule):
-    """scikit-learn's bundled handwritten digits: 1,797 grey 8×8 images, 10 classes, offline."""
+class DigitsDataModule(ArrayDataModule):
+    """scikit-learn's bundled handwritten digits: 1,797 grey 8×8 images, 10 classes, offline.
+    Settings: those of ``ArrayDataModule`` (values in conf/data/digits.yaml)."""
 
     name = "digits"
 

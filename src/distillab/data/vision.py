@@ -38,15 +38,15 @@ import socket
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
 import torchvision
 from torch import Tensor
 
-from distillab.config import ConfigError
 from distillab.data.base import InMemoryDataModule
+from distillab.settings import ConfigError, Range, checked
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
+@checked
 class VisionDataModule(InMemoryDataModule):
     """A torchvision dataset with an official test set, decoded once into memory.
 
@@ -132,22 +133,18 @@ class VisionDataModule(InMemoryDataModule):
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        download: bool = True,
-        augment: bool = False,
-        max_shift: int = 2,
-        val_size: int = 5000,
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        split_seed: int = 0,
-        labelled_fraction: float = 1.0,
+        root: str | Path,
+        download: bool,
+        augment: bool,
+        max_shift: Annotated[int, Range(0, 8, what="pixels")],
+        val_size: Annotated[int, Range(1, note="images taken from the training set")],
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, split_seed=split_seed,
-                         labelled_fraction=labelled_fraction)
-        if int(val_size) < 1:
-            raise ConfigError(f"val_size={val_size!r} is not allowed: an integer >= 1")
-        if int(max_shift) < 0:
-            raise ConfigError(f"max_shift={max_shift!r} is not allowed: pixels >= 0")
+        """``root``: the folder torchvision keeps the files in (``download``: fetch them if missing);
+        ``augment``: random shifts (and flips for CIFAR) of training batches by up to
+        ``max_shift`` pixels; ``val_size``: the validation images taken from the official training
+        set. The other settings are ``InMemoryDataModule``'s (values in conf/data/<name>.yaml)."""
+        super().__init__(**kwargs)
         self.root = os.path.abspath(os.path.expanduser(str(root)))
         self.download = bool(download)
         self.use_augment = bool(augment)
@@ -215,13 +212,6 @@ class VisionDataModule(InMemoryDataModule):
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         x = images.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         return x.div_(255.0).sub_(mean).div_(std)
-
-    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The official training then test images, normalised, and their labels."""
-        parts = [self._read(train) for train in (True, False)]
-        x = torch.cat([self.normalise(images) for images, _ in parts])
-        y = torch.cat([labels for _, labels in parts])
-        return x.numpy(), y.numpy()
 
     def make_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         train_images, train_labels = self._read(train=True)
@@ -297,12 +287,9 @@ class FashionMNISTDataModule(VisionDataModule):
 
 
 class _CIFARDataModule(VisionDataModule):
-    flips = True
+    """CIFAR: ``max_shift`` is the crop padding (4 in the standard recipe) and crops come with flips."""
 
-    def __init__(self, root: str | os.PathLike, download: bool = True, augment: bool = False,
-                 max_shift: int = 4, **kwargs: Any) -> None:
-        """As ``VisionDataModule``; ``max_shift`` is the crop padding, 4 in the standard recipe."""
-        super().__init__(root, download=download, augment=augment, max_shift=max_shift, **kwargs)
+    flips = True
 
 
 class CIFAR10DataModule(_CIFARDataModule):
