@@ -3,10 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from distillab import cli
-from distillab.config import register_schemas
+from distillab import cli, conf
 
-register_schemas()
+conf.register_resolvers()  # the help text lists the models every role can take
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -15,5 +14,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    cli.check_command_line()
+    cli.check_command_line()  # one line and exit 2 for bad input, before the heavy imports
     main()

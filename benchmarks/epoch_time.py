@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
-from distillab.data import SyntheticDataModule  # noqa: E402
-from distillab.distill.losses import CrossEntropy  # noqa: E402
+from distillab import conf  # noqa: E402
+from distillab.distill.methods.none import CrossEntropy  # noqa: E402
 from distillab.distill.module import ClassifierModule  # noqa: E402
 
 
@@ -64,21 +64,41 @@ def main() -> None:
     model = instantiate(model_cfg, input_shape=tuple(args.input_shape), num_classes=args.classes)
     # 90 % of the samples train, as the split below makes them
     total = round(args.train_size / 0.9)
-    data = SyntheticDataModule(input_shape=args.input_shape, num_classes=args.classes, num_samples=total,
-                               batch_size=args.batch_size, val_fraction=0.05, test_fraction=0.05)
+    data = conf.build(
+        "data",
+        "synthetic",
+        input_shape=list(args.input_shape),
+        num_classes=args.classes,
+        num_samples=total,
+        batch_size=args.batch_size,
+        val_fraction=0.05,
+        test_fraction=0.05,
+    )
     module = ClassifierModule(model, CrossEntropy(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             callbacks=[clock], default_root_dir=tmp)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[clock],
+            default_root_dir=tmp,
+        )
         trainer.fit(module, datamodule=data)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} ({params:,} parameters), input {tuple(args.input_shape)}, {args.classes} classes, "
-          f"{data.split_sizes['train']:,} training images, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    print(f"one training epoch: {clock.train_s[0]:.1f} s; validation of {data.split_sizes['val']:,} images: "
-          f"{clock.val_s[0]:.1f} s")
+    print(
+        f"{args.model} ({params:,} parameters), input {tuple(args.input_shape)}, {args.classes} classes, "
+        f"{data.split_sizes['train']:,} training images, batch {args.batch_size}, {args.threads} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"one training epoch: {clock.train_s[0]:.1f} s; validation of {data.split_sizes['val']:,} images: "
+        f"{clock.val_s[0]:.1f} s"
+    )
 
 
 if __name__ == "__main__":

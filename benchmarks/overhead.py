@@ -4,7 +4,7 @@
 
 For each setup the same student is distilled from the same (untrained, frozen) teacher for N
 epochs on the same data and batch size, once through distillab -- ``DistillationModule`` and
-the Trainer that ``pipeline.make_trainer`` builds from the real config (progress bar off as in
+the Trainer that ``training.make_trainer`` builds from the real config (progress bar off as in
 sweeps, no logger, the real best-on-val/acc checkpoint callback) -- and once through the plain
 loop below, which does the same work per epoch: teacher forward in eval mode under no_grad,
 ``kd_loss``, an optimizer step per batch (the config's: Adam), a validation pass computing
@@ -55,11 +55,15 @@ for _path in (ROOT / "src", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from tests.conftest import compose_cfg  # noqa: E402  (importing it registers the config schemas)
+from tests.conftest import compose_cfg  # noqa: E402
 
-from distillab import pipeline  # noqa: E402
-from distillab.distill.losses import kd_loss  # noqa: E402
+from distillab import build as parts  # noqa: E402
+from distillab import training  # noqa: E402
+from distillab.data import adapter  # noqa: E402
+from distillab.distill.methods.base import needs_teacher  # noqa: E402
+from distillab.distill.methods.kd import kd_loss  # noqa: E402
 from distillab.distill.module import DistillationModule, without_env  # noqa: E402
+from distillab.teacher.training import scheduler_factory  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
@@ -125,11 +129,10 @@ def _spans(marks: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
 def build(cfg: DictConfig, seed: int = 0) -> tuple[Any, nn.Module, nn.Module]:
     """Data, student and teacher of ``cfg``, with the same initial weights every time."""
     data = instantiate(cfg.data)
-    data.setup()
-    data.shuffle_seed = int(cfg.seed)
+    info = adapter.prepare(data, int(cfg.seed))
     torch.manual_seed(seed)
-    student = pipeline.build_model("student", cfg.student, data)
-    teacher = pipeline.build_model("teacher", cfg.teacher, data)
+    student = parts.model("student", cfg.student, info)
+    teacher = parts.model("teacher", cfg.teacher, info)
     return data, student, teacher
 
 
@@ -138,12 +141,14 @@ def run_distillab(cfg: DictConfig, epochs: int, workdir: Path) -> Timing:
     loss = instantiate(cfg.distill)
     module = DistillationModule(
         student,
-        teacher if loss.needs_teacher else None,
+        teacher if needs_teacher(loss) else None,
         loss,
         optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=pipeline._scheduler(cfg.optim),
+        scheduler=scheduler_factory(cfg.optim),
     )
-    trainer = pipeline.make_trainer(cfg, [], workdir / "checkpoints", epochs)
+    trainer = training.make_trainer(
+        cfg.trainer, cfg.get("callbacks"), [], workdir / "checkpoints", epochs, root_dir=workdir
+    )
     clock = EpochClock()
     trainer.callbacks.insert(0, clock)
     start = time.perf_counter()
@@ -160,8 +165,8 @@ def run_plain(cfg: DictConfig, epochs: int) -> Timing:
     lam, temperature = float(cfg.distill.lam), float(cfg.distill.temperature)
     # the optimizer and learning-rate schedule of the config (Adam, constant), as distillab's
     optimizer = instantiate(cfg.optim.optimizer)(student.parameters())
-    scheduler_factory = pipeline._scheduler(cfg.optim)
-    scheduler = scheduler_factory(optimizer) if scheduler_factory is not None else None
+    make_scheduler = scheduler_factory(cfg.optim)
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     teacher.eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -221,8 +226,9 @@ def benchmark(setup: Setup, epochs: int, repeats: int, workdir: Path) -> dict[st
             plain.append(run_plain(cfg, epochs))
 
     def ratios(kind: str) -> list[float]:
-        return [statistics.median(getattr(d, kind)) / statistics.median(getattr(p, kind))
-                for d, p in zip(lightning, plain)]
+        return [
+            statistics.median(getattr(d, kind)) / statistics.median(getattr(p, kind)) for d, p in zip(lightning, plain)
+        ]
 
     return {
         "setup": setup,
@@ -255,23 +261,31 @@ def main(argv: list[str] | None = None) -> int:
     if torch.get_num_threads() != args.threads:
         raise RuntimeError(f"torch threads changed during the runs: {torch.get_num_threads()}")
 
-    print(f"torch {torch.__version__}, lightning {pl.__version__}, threads={args.threads}, "
-          f"{args.epochs} epochs x {args.repeats} runs each (first epoch of a run dropped), "
-          "checkpoint: the pipeline's ModelCheckpoint")
+    print(
+        f"torch {torch.__version__}, lightning {pl.__version__}, threads={args.threads}, "
+        f"{args.epochs} epochs x {args.repeats} runs each (first epoch of a run dropped), "
+        "checkpoint: the pipeline's ModelCheckpoint"
+    )
     for row in rows:
-        print(f"  {row['setup'].name}: {row['steps']} steps/epoch; wall ratio per round "
-              + " ".join(f"{r:.3f}" for r in row["ratios"])
-              + f"; CPU-time ratio {row['cpu_ratio']:.3f}; fit set-up {row['fit_setup_ms']:.0f} ms (not in ms/epoch)")
-    print(f"{'setup':<68} {'params student/teacher':>22} {'plain ms/ep':>11} {'distillab ms/ep':>15} "
-          f"{'ratio':>6} {'target':>7} {'result':>6}")
+        print(
+            f"  {row['setup'].name}: {row['steps']} steps/epoch; wall ratio per round "
+            + " ".join(f"{r:.3f}" for r in row["ratios"])
+            + f"; CPU-time ratio {row['cpu_ratio']:.3f}; fit set-up {row['fit_setup_ms']:.0f} ms (not in ms/epoch)"
+        )
+    print(
+        f"{'setup':<68} {'params student/teacher':>22} {'plain ms/ep':>11} {'distillab ms/ep':>15} "
+        f"{'ratio':>6} {'target':>7} {'result':>6}"
+    )
     ok = True
     for row in rows:
         target = row["setup"].target
         passed = row["ratio"] <= target
         ok &= passed
         params = f"{row['params'][0]:,}/{row['params'][1]:,}"
-        print(f"{row['setup'].name:<68} {params:>22} {row['plain_ms']:>11.2f} {row['distillab_ms']:>15.2f} "
-              f"{row['ratio']:>6.3f} {'<= ' + format(target, '.2f'):>7} {'PASS' if passed else 'FAIL':>6}")
+        print(
+            f"{row['setup'].name:<68} {params:>22} {row['plain_ms']:>11.2f} {row['distillab_ms']:>15.2f} "
+            f"{row['ratio']:>6.3f} {'<= ' + format(target, '.2f'):>7} {'PASS' if passed else 'FAIL':>6}"
+        )
     return 0 if ok else 1
 
 

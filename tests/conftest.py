@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from distillab.config import register_schemas
+from distillab import conf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -27,7 +27,7 @@ FAST = [
     "logger=csv",
 ]
 
-register_schemas()
+conf.register_resolvers()
 
 
 def compose_cfg(overrides: list[str], out: Path, cache: Path | None = None) -> DictConfig:
@@ -64,11 +64,30 @@ def make_cfg(tmp_path: Path):
     GlobalHydra.instance().clear()
 
 
-def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess, as a user would type it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def teacher_key(cfg: DictConfig) -> str:
+    """The teacher-cache key of a composed run config."""
+    from distillab.teacher import cache
+
+    return cache.cache_key(cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision))
+
+
+def teacher_folder(cfg: DictConfig) -> Path:
+    """The teacher-cache folder of a composed run config."""
+    from distillab.teacher import cache
+
+    return cache.cache_folder(cfg.paths.cache_dir, cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision))

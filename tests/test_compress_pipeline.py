@@ -12,8 +12,16 @@ QUICK = ["measure.warmup=0", "measure.repeats=2"]
 
 
 def test_unstructured_pruning_of_the_student(make_cfg, tmp_path):
-    record = pipeline.run(make_cfg("compress=prune_unstructured", "compress.amount=0.8",
-                                   "compress.finetune_epochs=1", "student=cnn", "student.width=8", *QUICK))
+    record = pipeline.run(
+        make_cfg(
+            "compress=prune_unstructured",
+            "compress.amount=0.8",
+            "compress.finetune_epochs=1",
+            "student=cnn",
+            "student.width=8",
+            *QUICK,
+        )
+    )
     results.check(record)
     block = record["compressed"]
     assert block["method"] == "prune_unstructured" and block["of"] == "student"
@@ -32,8 +40,9 @@ def test_unstructured_pruning_of_the_student(make_cfg, tmp_path):
 
 
 def test_structured_pruning_shrinks_the_student_for_real(make_cfg):
-    record = pipeline.run(make_cfg("compress=prune_structured", "compress.finetune_epochs=1", "student=cnn",
-                                   "student.width=16", *QUICK))
+    record = pipeline.run(
+        make_cfg("compress=prune_structured", "compress.finetune_epochs=1", "student=cnn", "student.width=16", *QUICK)
+    )
     block = record["compressed"]
     assert block["vs_uncompressed"]["params"] <= 0.55
     assert block["macs"] < record["student"]["macs"]
@@ -41,8 +50,9 @@ def test_structured_pruning_shrinks_the_student_for_real(make_cfg):
 
 
 def test_compressing_the_teacher_is_a_baseline_without_a_student(make_cfg):
-    record = pipeline.run(make_cfg("compress=prune_structured", "compress.target=teacher",
-                                   "compress.finetune_epochs=0", *QUICK))
+    record = pipeline.run(
+        make_cfg("compress=prune_structured", "compress.target=teacher", "compress.finetune_epochs=0", *QUICK)
+    )
     results.check(record)
     assert "student" not in record and record["compressed"]["of"] == "teacher"
     assert record["compressed"]["vs_uncompressed"] == record["compressed"]["vs_teacher"]
@@ -50,31 +60,50 @@ def test_compressing_the_teacher_is_a_baseline_without_a_student(make_cfg):
 
 
 def test_a_chain_applies_its_steps_in_order(make_cfg):
-    record = pipeline.run(make_cfg("compress=prune_structured+quant_static", "compress.finetune_epochs=0",
-                                   "student=cnn", "student.width=16", *QUICK))
+    record = pipeline.run(
+        make_cfg(
+            "compress=prune_structured+quant_static",
+            "compress.finetune_epochs=0",
+            "student=cnn",
+            "student.width=16",
+            *QUICK,
+        )
+    )
     block = record["compressed"]
     assert block["method"] == "prune_structured+quant_static"
     assert block["macs"] > 0  # counted on the pruned float model: int8 runs the same MACs
     assert block["vs_uncompressed"]["size"] < 0.3
 
 
-@pytest.mark.parametrize("override,key", [
-    ("compress.amount=1.5", "compress.amount"),
-    ("compress.importance=l3", "compress.importance"),
-    ("compress.target=both", "compress.target"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("compress.amount=1.5", "compress.amount"),
+        ("compress.importance=l3", "compress.importance"),
+        ("compress.target=both", "compress.target"),
+    ],
+)
 def test_bad_compression_input_fails_before_training(override, key, tmp_path):
-    result = run_train(["compress=prune_structured", override, f"hydra.run.dir={tmp_path / 'run'}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            "compress=prune_structured",
+            override,
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and key in result.stderr
     assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["compress=prune_structured", "compress.amount=0.99", "student=cnn", "student.width=2"],
-    ["compress=prune_structured", "compress.amount=null", "compress.target_params=99999999"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["compress=prune_structured", "compress.amount=0.99", "student=cnn", "student.width=2"],
+        ["compress=prune_structured", "compress.amount=null", "compress.target_params=99999999"],
+    ],
+)
 def test_compression_that_cannot_apply_is_refused_before_training(make_cfg, tmp_path, overrides):
     with pytest.raises(ConfigError):
         pipeline.run(make_cfg(*overrides, "compress.finetune_epochs=0", *QUICK), raise_on_failure=True)

@@ -1,31 +1,39 @@
 """Every option of every group composes; every bad input fails with one line, before work."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from distillab import cli
+from distillab import cli, conf
 from distillab.config import ConfigError, validate
-from tests.conftest import CONF, compose_cfg, run_train
+from tests.conftest import CONF, ROOT, compose_cfg, run_train
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "local", "model"))
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+# groups whose options are files; teacher= and student= take the options of model/
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and conf.options(p.name) and p.name not in ("hydra", "local")
+)
+ROLE_OPTIONS = [f"{role}={name}" for role in ("teacher", "student") for name in conf.options("model")]
 
 
 @pytest.mark.parametrize(
-    "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
+    "override",
+    [f"{group}={option}" for group in GROUPS if group != "model" for option in conf.options(group)] + ROLE_OPTIONS,
 )
 def test_every_option_composes_and_validates(override, tmp_path):
     cfg = compose_cfg([override], tmp_path)
     validate(cfg)
 
 
-def test_every_model_is_usable_as_teacher_and_student():
-    models = set(_options("model"))
-    assert models == set(_options("teacher")) == set(_options("student"))
+def test_one_file_per_architecture_serves_both_roles(tmp_path):
+    assert not conf.options("teacher") and not conf.options("student")  # no template copies per role
+    cfg = compose_cfg(["teacher=resnet8", "student=resnet8"], tmp_path)
+    model = conf.load("model", "resnet8")
+    for role in ("teacher", "student"):
+        assert {k: cfg[role][k] for k in model} == dict(model)
+    assert cfg.teacher.recipe.max_epochs >= 1 and "init" in cfg.student and "recipe" not in cfg.student
 
 
 BAD = {
@@ -55,10 +63,71 @@ def test_bad_input_is_one_line_naming_the_key(override, key, capsys):
     assert key in err, err
 
 
+BAD_SECOND = {
+    "seed=abc": "seed='abc' is not allowed: an integer in [0, 4294967295]",
+    "seed=-1": "seed=-1 is not allowed: an integer in [0, 4294967295]",
+    "distill.temperature=inf": "distill.temperature=inf is not allowed: a temperature > 0",
+    "distill.lam=nan": "distill.lam=nan is not allowed",
+    "+sed=1": "sed is not a known key; allowed top-level keys:",
+    "student=nosuchnet": "student=nosuchnet is not an option; allowed: cnn,",
+    "trainer.max_epochs=1.5": "trainer.max_epochs=1.5 is not allowed: an integer >= 1",
+    "data.labelled_fraction=0": "data.labelled_fraction=0",
+}
+
+
+@pytest.mark.parametrize("override,message", BAD_SECOND.items())
+def test_more_bad_input_is_one_line(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.check_command_line([override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_config_errors_come_before_the_heavy_imports():
+    """The check imports neither torch nor Lightning: it answers in well under a second of work."""
+    code = (
+        "import sys; from distillab import cli\n"
+        "try:\n    cli.check_command_line(['distill.lam=1.5'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = [m for m in ('torch', 'pytorch_lightning', 'torchvision', 'torchmetrics') if m in sys.modules]\n"
+        "print(code, heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+
+
+def test_a_teacher_file_that_is_not_a_state_dict_fails_before_training(tmp_path):
+    bad = tmp_path / "not_a_state_dict.pt"
+    torch.save([1, 2, 3], bad)
+    wrong = tmp_path / "other_arch.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), wrong)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path, message in (
+        (bad, "a state_dict"),
+        (wrong, "of the teacher's architecture"),
+        (text, "not a torch.save file"),
+        (tmp_path / "missing.pt", "does not exist"),
+    ):
+        result = run_train(
+            [
+                f"teacher.ckpt_path={path}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                "trainer.enable_progress_bar=false",
+            ]
+        )
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr
+        assert "teacher.ckpt_path=" in errors[0] and message in errors[0], errors[0]
+        assert "Traceback" not in result.stderr
+        assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "cache").exists()
+
+
 def test_allowed_values_are_named(capsys):
     with pytest.raises(SystemExit):
         cli.check_command_line(["distill=kdd"])
-    assert "allowed: at, dkd, fitnet, kd, none, pkt, rkd, sp" in capsys.readouterr().err
+    assert "allowed: " + ", ".join(conf.options("distill")) in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.check_command_line(["distill.lamb=1"])
     assert "allowed keys of distill: lam, temperature" in capsys.readouterr().err
@@ -82,8 +151,14 @@ def test_help_and_cfg_are_left_to_hydra():
 @pytest.mark.parametrize("override", ["distill.lam=1.5", "student.hidden=[0]"])
 def test_bad_input_from_the_command_line_writes_nothing(override, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train([override, f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-                        "trainer.enable_progress_bar=false"])
+    result = run_train(
+        [
+            override,
+            f"hydra.run.dir={run_dir}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and override.split("=")[0] in errors[0], result.stderr
@@ -105,9 +180,21 @@ def test_interpolated_values_are_left_to_the_job(tmp_path):
 
 def test_help_and_cfg_job_from_the_command_line(tmp_path):
     help_out = run_train(["--help"], cwd=tmp_path)
-    assert help_out.returncode == 0 and "distill: at, dkd, fitnet, kd, none, pkt, rkd, sp" in help_out.stdout
+    assert help_out.returncode == 0 and "distill: " + ", ".join(conf.options("distill")) in help_out.stdout
+    for role in ("teacher", "student"):
+        assert f"{role}: " + ", ".join(conf.options("model")) in help_out.stdout
     assert "python train.py -m" in help_out.stdout
     cfg_out = run_train(["--cfg", "job", "distill.lam=0.9", "student=cnn"], cwd=tmp_path)
     assert cfg_out.returncode == 0
     assert "lam: 0.9" in cfg_out.stdout and "_target_: distillab.models.CNN" in cfg_out.stdout
     assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "outputs").exists()
+
+
+def test_a_rule_across_trainer_keys_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.check_command_line(["trainer=ddp", "trainer.sync_batchnorm=true", "trainer.accelerator=cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: trainer.sync_batchnorm=True is not allowed: false with "
+        "accelerator=cpu (torch's SyncBatchNorm runs on GPUs only)"
+    )

@@ -13,23 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillab import results, teachers
-from distillab.data import DigitsDataModule
+from distillab import conf, results
+from distillab.teacher import cache as teachers
 from tests.conftest import FAST, compose_cfg, run_train
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
 # -- which process trains a missing teacher -------------------------------------------------------
-@pytest.mark.parametrize("env, expected", [
-    ({}, (0, 1)),
-    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (3, 4)),  # torchrun
-    ({"RANK": "0", "WORLD_SIZE": "1"}, (0, 1)),  # torchrun with one process: not distributed
-    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}, (2, 4)),  # srun, one task per GPU
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (0, 1)),  # one task that spawns its own workers
-    ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2"}, (1, 2)),  # Lightning's ddp launcher
-    ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "4"}, (4, 4)),  # its second node: not rank 0
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (3, 4)),  # torchrun
+        ({"RANK": "0", "WORLD_SIZE": "1"}, (0, 1)),  # torchrun with one process: not distributed
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}, (2, 4)),  # srun, one task per GPU
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (0, 1)),  # one task that spawns its own workers
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2"}, (1, 2)),  # Lightning's ddp launcher
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "4"}, (4, 4)),  # its second node: not rank 0
+    ],
+)
 def test_launch_rank_reads_the_launchers_variables(env, expected):
     assert teachers.launch_rank(env) == expected
 
@@ -43,8 +46,8 @@ def _obtain_as_rank(rank: int, out: str, cache: str, marker: str) -> tuple[str, 
     cfg = compose_cfg([*FAST, *DDP, "trainer.strategy=ddp"], Path(out), Path(cache))
     seen: dict = {}
 
-    def train(model: torch.nn.Module, staging: Path) -> dict:
-        seen.update(devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes)
+    def train(model: torch.nn.Module, staging: Path, single_process: bool) -> dict:
+        seen.update(single_process=single_process)
         with open(marker, "a") as handle:
             handle.write(f"trained by rank {rank}\n")
         time.sleep(0.5)
@@ -54,7 +57,7 @@ def _obtain_as_rank(rank: int, out: str, cache: str, marker: str) -> tuple[str, 
 
     torch.manual_seed(rank)
     model = torch.nn.Linear(64, 10)
-    cache_state = teachers.obtain(cfg, model, train=train).cache
+    cache_state = _obtain_teacher(cfg, model, train).cache
     return cache_state, seen, float(model.weight.detach().sum())
 
 
@@ -62,13 +65,15 @@ def test_rank_zero_trains_a_missing_teacher_alone_and_the_other_rank_waits(tmp_p
     marker = tmp_path / "trained.txt"
     context = multiprocessing.get_context("spawn")
     with context.Pool(2) as pool:
-        answers = pool.starmap(_obtain_as_rank, [(rank, str(tmp_path / f"rank{rank}"), str(tmp_path / "cache"),
-                                                  str(marker)) for rank in (1, 0)])
+        answers = pool.starmap(
+            _obtain_as_rank,
+            [(rank, str(tmp_path / f"rank{rank}"), str(tmp_path / "cache"), str(marker)) for rank in (1, 0)],
+        )
     (cache1, seen1, weights1), (cache0, seen0, weights0) = answers
     assert marker.read_text() == "trained by rank 0\n"
     assert (cache0, cache1) == ("miss", "hit")
     # rank 0 trained on one device, without the others: they are busy waiting, not joining a process group
-    assert seen0 == {"devices": 1, "strategy": "auto", "num_nodes": 1} and seen1 == {}
+    assert seen0 == {"single_process": True} and seen1 == {}
     assert weights0 == weights1 == pytest.approx(0.25 * 640)
 
 
@@ -79,32 +84,47 @@ def test_a_rank_that_waits_in_vain_fails_with_one_line(make_cfg, monkeypatch):
     monkeypatch.setattr(teachers, "POLL_S", 0.05)
     cfg = make_cfg()
 
-    def train(model, staging):
+    def train(model, staging, single_process):
         raise AssertionError("a rank other than 0 must not train the teacher")
 
     with pytest.raises(TimeoutError) as error:
-        teachers.obtain(cfg, torch.nn.Linear(64, 10), train=train)
+        _obtain_teacher(cfg, torch.nn.Linear(64, 10), train)
     message = str(error.value)
     assert "\n" not in message and "rank 1 of 2" in message and "paths.cache_dir" in message
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ([], {"devices": 1, "strategy": "auto"}),  # one device: left as it is
-    (DDP, {"devices": 2, "strategy": "ddp_spawn"}),  # spawned workers: the teacher trains with them
-    ([*DDP, "trainer.strategy=ddp"], {"devices": 1, "strategy": "auto"}),  # would re-run the script
-])
-def test_the_teacher_trains_on_one_device_only_when_the_strategy_reruns_the_script(make_cfg, overrides, expected):
+@pytest.mark.parametrize(
+    "overrides, single",
+    [
+        ([], False),  # one device: left as it is
+        (DDP, False),  # spawned workers: the teacher trains with them
+        ([*DDP, "trainer.strategy=ddp"], True),  # would re-run the script: one device, this process
+    ],
+)
+def test_the_teacher_trains_on_one_device_only_when_the_strategy_reruns_the_script(make_cfg, overrides, single):
     cfg = make_cfg(*overrides)
     before = dict(cfg.trainer)
     seen = {}
 
-    def train(model, staging):
-        seen.update(devices=cfg.trainer.devices, strategy=cfg.trainer.strategy)
+    def train(model, staging, single_process):
+        seen.update(single_process=single_process)
         return {"val": {"acc": 1.0}}
 
-    assert teachers.obtain(cfg, torch.nn.Linear(64, 10), train=train).cache == "miss"
-    assert seen == expected
-    assert dict(cfg.trainer) == before  # the student's trainer gets the configured settings back
+    assert _obtain_teacher(cfg, torch.nn.Linear(64, 10), train).cache == "miss"
+    assert seen == {"single_process": single}
+    assert dict(cfg.trainer) == before  # the config is never edited
+    if single:  # the Trainer built for it runs in one process on one device
+        from distillab import training
+
+        trainer = training.make_trainer(
+            cfg.trainer, None, [], None, 1, root_dir=Path(cfg.paths.output_dir), single_process=True
+        )
+        assert trainer.num_devices == 1 and trainer.world_size == 1
+
+
+def _obtain_teacher(cfg, model, train):
+    identity = teachers.identity(cfg.data, cfg.teacher, cfg.trainer.precision)
+    return teachers.obtain(model, identity, cfg.paths.cache_dir, cfg.trainer, train)
 
 
 def test_training_batches_are_sharded_per_rank_and_evaluation_batches_are_not():
@@ -112,7 +132,7 @@ def test_training_batches_are_sharded_per_rank_and_evaluation_batches_are_not():
         def __init__(self, rank: int) -> None:
             self.global_rank, self.world_size = rank, 2
 
-    data = DigitsDataModule(batch_size=64, eval_batch_size=100)
+    data = conf.build("data", "digits", batch_size=64, eval_batch_size=100)
     data.setup()
     seen = []
     for rank in (0, 1):
@@ -169,8 +189,9 @@ def test_a_ddp_sweep_runs_each_job_once(ddp_run, tmp_path):
     root, first, _ = ddp_run
     assert first.returncode == 0, first.stderr[-3000:]
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "seed=0,1", *DDP, *FAST, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={root / 'cache'}"],
-                       cwd=tmp_path)
+    result = run_train(
+        ["-m", "seed=0,1", *DDP, *FAST, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={root / 'cache'}"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     # the spawned workers run `fit` only: one sweep of two jobs, not one more per extra rank

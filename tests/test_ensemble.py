@@ -7,17 +7,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from distillab import ensemble, pipeline
+from distillab import pipeline
 from distillab.config import ConfigError
-from distillab.distill.losses import soft_kl
+from distillab.distill.methods.kd import soft_kl
+from distillab.teacher import ensemble
+from tests.conftest import CONF
 
-LOGITS = torch.tensor([
-    [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]],
-    [[-0.5, 1.5, 0.0], [3.0, -2.0, 0.5]],
-    [[0.0, 0.0, 4.0], [1.0, 1.0, 1.0]],
-])  # 3 teachers × 2 samples × 3 classes
+LOGITS = torch.tensor(
+    [
+        [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]],
+        [[-0.5, 1.5, 0.0], [3.0, -2.0, 0.5]],
+        [[0.0, 0.0, 4.0], [1.0, 1.0, 1.0]],
+    ]
+)  # 3 teachers × 2 samples × 3 classes
 
 
 def _softmax(row: list[float], temperature: float) -> list[float]:
@@ -74,7 +79,7 @@ def test_kd_against_an_ensemble_is_kd_against_the_averaged_distribution() -> Non
         (["teachers=[cnn,mlp]", "ensemble.weights=[1]"], "ensemble.weights=[1] is not allowed"),
         (["teachers=[cnn,mlp]", "ensemble.combine=median"], "ensemble.combine='median' is not allowed"),
         (["teachers=[cnn,mlp]", "distill=fitnet"], "distill=fitnet reads the features of one teacher"),
-        (["teachers=[cnn,nosuchnet]"], "teachers: 'nosuchnet' is not a teacher option"),
+        (["teachers=[cnn,nosuchnet]"], "teachers: 'nosuchnet' is not a model option; allowed: cnn, mlp"),
     ],
 )
 def test_bad_ensembles_fail_before_training(make_cfg, overrides: list[str], message: str, tmp_path) -> None:
@@ -88,10 +93,11 @@ def test_bad_ensembles_fail_before_training(make_cfg, overrides: list[str], mess
 
 def test_members_take_the_run_teacher_recipe(make_cfg) -> None:
     cfg = make_cfg("teachers=[cnn,resnet8]", "teacher.recipe.seed=7")
-    members = ensemble.member_configs(cfg)
-    assert [m.teacher._target_.rsplit(".", 1)[-1] for m in members] == ["CNN", "resnet8"]
-    assert all(m.teacher.recipe.max_epochs == 3 and m.teacher.recipe.seed == 7 for m in members)
-    assert all(m.teachers is None for m in members)
+    before = OmegaConf.to_container(cfg)
+    members = ensemble.member_nodes(cfg.teachers, cfg.teacher, [CONF])
+    assert [m._target_.rsplit(".", 1)[-1] for m in members] == ["CNN", "resnet8"]
+    assert all(m.recipe.max_epochs == 3 and m.recipe.seed == 7 and m.ckpt_path is None for m in members)
+    assert OmegaConf.to_container(cfg) == before  # built beside the run's config, which is never edited
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -107,8 +113,7 @@ def test_an_ensemble_run_reports_every_teacher(make_cfg, tmp_path) -> None:
     assert record["teacher"]["params"] == sum(m["params"] for m in members)
 
     # the second run trains nothing: both members come from the cache
-    again = pipeline.run(make_cfg("teachers=[cnn,mlp]", "distill.temperature=4",
-                                  out=tmp_path / "again"))
+    again = pipeline.run(make_cfg("teachers=[cnn,mlp]", "distill.temperature=4", out=tmp_path / "again"))
     assert [m["cache"] for m in again["teachers"]] == ["hit", "hit"]
     assert again["teacher"]["cache"] == "hit"
     assert again["teacher"]["test"] == record["teacher"]["test"]

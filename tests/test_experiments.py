@@ -9,8 +9,15 @@ from tests.fixtures_vision import WRITERS, trust_cifar_fixtures
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # a handful of steps: one epoch of two small batches for teacher and student, quick timing
-TINY = ["trainer.max_epochs=1", "teacher.recipe.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.enable_progress_bar=false", "data.batch_size=8", "measure.warmup=0", "measure.repeats=1"]
+TINY = [
+    "trainer.max_epochs=1",
+    "teacher.recipe.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=8",
+    "measure.warmup=0",
+    "measure.repeats=1",
+]
 
 
 def _dataset(name: str) -> str | None:

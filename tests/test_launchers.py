@@ -69,10 +69,22 @@ def test_a_slot_of_a_restricted_machine_names_the_gpus_cuda_was_given() -> None:
     assert slots.visible_ids("GPU-aa, GPU-bb", 2) == ["GPU-aa", "GPU-bb"]
 
 
-@pytest.mark.parametrize(("n_jobs", "cores", "jobs", "threads"), [
-    (1, 2, 1, 2), (2, 2, 2, 1), (-1, 2, 2, 1), (4, 2, 4, 1), (2, 8, 2, 4), (3, 8, 3, 2), (-1, 8, 8, 1),
-    (-2, 8, 7, 1), (-4, 8, 5, 1), (-9, 8, 1, 8), (4, 16, 4, 4),
-])
+@pytest.mark.parametrize(
+    ("n_jobs", "cores", "jobs", "threads"),
+    [
+        (1, 2, 1, 2),
+        (2, 2, 2, 1),
+        (-1, 2, 2, 1),
+        (4, 2, 4, 1),
+        (2, 8, 2, 4),
+        (3, 8, 3, 2),
+        (-1, 8, 8, 1),
+        (-2, 8, 7, 1),
+        (-4, 8, 5, 1),
+        (-9, 8, 1, 8),
+        (4, 16, 4, 4),
+    ],
+)
 def test_threads_per_job_share_the_cores_between_the_jobs_at_once(n_jobs, cores, jobs, threads) -> None:
     assert slots.parallel_jobs(n_jobs, cores) == jobs
     assert slots.thread_count(cores, jobs) == threads
@@ -83,17 +95,20 @@ def test_n_jobs_zero_is_one_line_naming_the_key() -> None:
         slots.parallel_jobs(0, 4)
 
 
-@pytest.mark.parametrize(("trainer", "gpus", "per_job"), [
-    ({"accelerator": "auto", "devices": 1}, 4, 1),
-    ({"accelerator": "gpu", "devices": 2}, 4, 2),
-    ({"accelerator": "cuda", "devices": "2"}, 4, 2),
-    ({"accelerator": "auto", "devices": "auto"}, 4, 4),  # trainer=ddp: every GPU
-    ({"accelerator": "auto", "devices": -1}, 8, 8),
-    ({"accelerator": "auto", "devices": 1}, 0, None),  # no GPU
-    ({"accelerator": "cpu", "devices": 2}, 4, None),  # CPU processes
-    ({"accelerator": "auto", "devices": [0, 2]}, 4, None),  # GPU ids the user pinned
-    ({"accelerator": "auto", "devices": "0,2"}, 4, None),
-])
+@pytest.mark.parametrize(
+    ("trainer", "gpus", "per_job"),
+    [
+        ({"accelerator": "auto", "devices": 1}, 4, 1),
+        ({"accelerator": "gpu", "devices": 2}, 4, 2),
+        ({"accelerator": "cuda", "devices": "2"}, 4, 2),
+        ({"accelerator": "auto", "devices": "auto"}, 4, 4),  # trainer=ddp: every GPU
+        ({"accelerator": "auto", "devices": -1}, 8, 8),
+        ({"accelerator": "auto", "devices": 1}, 0, None),  # no GPU
+        ({"accelerator": "cpu", "devices": 2}, 4, None),  # CPU processes
+        ({"accelerator": "auto", "devices": [0, 2]}, 4, None),  # GPU ids the user pinned
+        ({"accelerator": "auto", "devices": "0,2"}, 4, None),
+    ],
+)
 def test_gpus_per_job_come_from_the_trainer(trainer, gpus, per_job) -> None:
     assert slots.gpus_per_job(OmegaConf.create(trainer), gpus) == per_job
 
@@ -163,8 +178,9 @@ def test_a_job_in_a_loky_worker_can_start_processes_of_its_own() -> None:
 
 # -- the hook of pipeline.run -------------------------------------------------------------------
 def joblib_hydra(tmp_path: Path, n_jobs: int):
-    return compose_hydra("hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
-                         f"hydra.sweep.dir={tmp_path}").hydra
+    return compose_hydra(
+        "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={tmp_path}"
+    ).hydra
 
 
 def job_cfg(**trainer):
@@ -173,12 +189,12 @@ def job_cfg(**trainer):
 
 def test_a_joblib_job_takes_its_share_of_the_cores_and_a_gpu_slot(tmp_path: Path) -> None:
     torch.set_num_threads(2)
-    claim = slots.configure_job(job_cfg(), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
+    claim = _configure(job_cfg(), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
     assert torch.get_num_threads() == 4
     assert claim is not None and claim.slot == 0 and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     assert (tmp_path / ".gpu_slots" / "slot-0.lock").exists()
     # the next job of this worker: same slot, counted from the machine's GPUs, not the pinned one
-    again = slots.configure_job(job_cfg(), joblib_hydra(tmp_path, 2), cores=8)
+    again = _configure(job_cfg(), joblib_hydra(tmp_path, 2), cores=8)
     assert again is claim and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
 
 
@@ -186,7 +202,7 @@ def test_num_threads_wins_and_two_gpus_per_job_pin_a_pair(tmp_path: Path) -> Non
     torch.set_num_threads(3)
     cfg = job_cfg(devices=2)
     cfg.num_threads = 1
-    claim = slots.configure_job(cfg, joblib_hydra(tmp_path, 2), gpus=4, cores=8)
+    claim = _configure(cfg, joblib_hydra(tmp_path, 2), gpus=4, cores=8)
     assert torch.get_num_threads() == 3  # left for pipeline.run to set from num_threads
     assert claim is not None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
 
@@ -194,31 +210,33 @@ def test_num_threads_wins_and_two_gpus_per_job_pin_a_pair(tmp_path: Path) -> Non
 def test_on_a_restricted_machine_a_slot_pins_the_gpus_it_was_given(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     held = slots.claim(tmp_path / ".gpu_slots", 2, wait_s=0)  # another worker has slot 0
-    claim = slots.configure_job(job_cfg(devices=2), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
+    claim = _configure(job_cfg(devices=2), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
     assert claim is not None and claim.slot == 1 and os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
     slots.release()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     held[1].release()
 
+
 def test_a_worker_moves_to_a_wider_slot_only_while_cuda_is_not_started(tmp_path: Path, monkeypatch) -> None:
-    slots.configure_job(job_cfg(devices=1), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
-    wider = slots.configure_job(job_cfg(devices=2), joblib_hydra(tmp_path, 2), cores=8)
+    _configure(job_cfg(devices=1), joblib_hydra(tmp_path, 2), gpus=4, cores=8)
+    wider = _configure(job_cfg(devices=2), joblib_hydra(tmp_path, 2), cores=8)
     assert wider is not None and wider.per_job == 2 and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(ConfigError, match=r"^trainer\.devices=1 is not allowed: .* runs CUDA on GPUs 0,1"):
-        slots.configure_job(job_cfg(devices=1), joblib_hydra(tmp_path, 2), cores=8)
+        _configure(job_cfg(devices=1), joblib_hydra(tmp_path, 2), cores=8)
     assert slots.held() is wider
+
 
 def test_more_parallel_jobs_than_gpu_slots_is_one_line_before_any_claim(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
-        slots.configure_job(job_cfg(devices=2), joblib_hydra(tmp_path, 3), gpus=4, cores=8)
+        _configure(job_cfg(devices=2), joblib_hydra(tmp_path, 3), gpus=4, cores=8)
     message = str(error.value)
     assert "\n" not in message and message.startswith("hydra.launcher.n_jobs=3 is not allowed")
     assert "2 GPU slot(s)" in message and "hydra.launcher.n_jobs=2 or fewer" in message
     with pytest.raises(ConfigError, match=r"n_jobs=-1 is not allowed: it runs 8 jobs at once .* 1 GPU slot"):
-        slots.configure_job(job_cfg(devices="auto"), joblib_hydra(tmp_path, -1), gpus=2, cores=8)
+        _configure(job_cfg(devices="auto"), joblib_hydra(tmp_path, -1), gpus=2, cores=8)
     with pytest.raises(ConfigError, match=r"^trainer\.devices=4 is not allowed: this machine has 2 GPU"):
-        slots.configure_job(job_cfg(devices=4), joblib_hydra(tmp_path, 1), gpus=2, cores=8)
+        _configure(job_cfg(devices=4), joblib_hydra(tmp_path, 1), gpus=2, cores=8)
     assert slots.held() is None and "CUDA_VISIBLE_DEVICES" not in os.environ
     assert not (tmp_path / ".gpu_slots").exists()
 
@@ -227,19 +245,20 @@ def test_nothing_is_placed_without_joblib_or_without_a_gpu(tmp_path: Path) -> No
     torch.set_num_threads(2)
     basic = compose_hydra(f"hydra.sweep.dir={tmp_path}").hydra
     assert basic.launcher._target_.endswith("BasicLauncher")  # the default launcher
-    assert slots.configure_job(job_cfg(), basic, gpus=4, cores=8) is None
-    assert slots.configure_job(job_cfg(), None, gpus=4, cores=8) is None  # not under Hydra at all
+    assert _configure(job_cfg(), basic, gpus=4, cores=8) is None
+    assert _configure(job_cfg(), None, gpus=4, cores=8) is None  # not under Hydra at all
     assert torch.get_num_threads() == 2 and "CUDA_VISIBLE_DEVICES" not in os.environ
-    assert slots.configure_job(job_cfg(), joblib_hydra(tmp_path, 2), gpus=0, cores=8) is None
-    assert slots.configure_job(job_cfg(accelerator="cpu"), joblib_hydra(tmp_path, 2), gpus=4, cores=8) is None
+    assert _configure(job_cfg(), joblib_hydra(tmp_path, 2), gpus=0, cores=8) is None
+    assert _configure(job_cfg(accelerator="cpu"), joblib_hydra(tmp_path, 2), gpus=4, cores=8) is None
     assert torch.get_num_threads() == 4  # threads are still shared out
     assert "CUDA_VISIBLE_DEVICES" not in os.environ and not (tmp_path / ".gpu_slots").exists()
 
 
 def test_pipeline_run_checks_the_slots_before_anything_is_written(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(slots, "visible_gpu_count", lambda: 2)  # a 2-GPU machine
-    cfg = compose_cfg(["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", f"hydra.sweep.dir={tmp_path}", *FAST],
-                      tmp_path / "run")
+    cfg = compose_cfg(
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", f"hydra.sweep.dir={tmp_path}", *FAST], tmp_path / "run"
+    )
     with pytest.raises(ConfigError, match=r"hydra\.launcher\.n_jobs=4 is not allowed: .* 2 GPU slot"):
         pipeline.run(cfg)
     assert not (tmp_path / "run").exists() and "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -260,16 +279,30 @@ def test_distillab_launcher_presets_extend_the_plugins_configs_without_shadowing
     assert slurm.timeout_min > plugin.timeout_min
 
 
-@pytest.mark.parametrize(("overrides", "target", "expected"), [
-    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], "JoblibLauncher", {"n_jobs": 3}),
-    (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=2"],
-     "LocalLauncher", {"timeout_min": 5, "cpus_per_task": 2}),
-    (["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], "SlurmLauncher", {"partition": "gpu"}),
-    (["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
-      "hydra.launcher.gpus_per_node=2", "hydra.launcher.cpus_per_task=16", "hydra.launcher.array_parallelism=4"],
-     "SlurmLauncher", {"partition": "gpu", "timeout_min": 30, "gpus_per_node": 2, "cpus_per_task": 16,
-                       "array_parallelism": 4}),
-])
+@pytest.mark.parametrize(
+    ("overrides", "target", "expected"),
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], "JoblibLauncher", {"n_jobs": 3}),
+        (
+            ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=2"],
+            "LocalLauncher",
+            {"timeout_min": 5, "cpus_per_task": 2},
+        ),
+        (["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], "SlurmLauncher", {"partition": "gpu"}),
+        (
+            [
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.timeout_min=30",
+                "hydra.launcher.gpus_per_node=2",
+                "hydra.launcher.cpus_per_task=16",
+                "hydra.launcher.array_parallelism=4",
+            ],
+            "SlurmLauncher",
+            {"partition": "gpu", "timeout_min": 30, "gpus_per_node": 2, "cpus_per_task": 16, "array_parallelism": 4},
+        ),
+    ],
+)
 def test_each_launcher_composes_and_takes_command_line_values(overrides, target, expected) -> None:
     launcher = compose_hydra(*overrides).hydra.launcher
     assert launcher._target_.endswith(target)
@@ -285,9 +318,19 @@ def test_a_misspelled_or_mistyped_launcher_value_fails_at_composition() -> None:
 
 def test_submitit_local_runs_a_two_job_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1", *FAST,
-                        "trainer.max_epochs=2", "num_threads=1", f"hydra.sweep.dir={sweep}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "seed=0,1",
+            *FAST,
+            "trainer.max_epochs=2",
+            "num_threads=1",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [results.read(job) for job in sorted(path.parent for path in sweep.glob("*/results.json"))]
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
@@ -299,14 +342,30 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path: Path) -> None:
 
 def test_a_joblib_sweep_gives_each_job_its_share_of_the_cores(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST,
-                        "trainer.max_epochs=2", "num_threads=null", f"hydra.sweep.dir={sweep}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "seed=0,1",
+            *FAST,
+            "trainer.max_epochs=2",
+            "num_threads=null",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(path.parent for path in sweep.glob("*/results.json"))
     assert len(jobs) == 2 and all(results.read(job)["status"] == "ok" for job in jobs)
     threads = slots.thread_count(joblib.cpu_count(), 2)
     for job in jobs:  # the hook ran inside each joblib worker, and saw the launcher's n_jobs
-        assert f"2 jobs at once (hydra.launcher.n_jobs=2) on {joblib.cpu_count()} cores: {threads} torch thread(s)" \
+        assert (
+            f"2 jobs at once (hydra.launcher.n_jobs=2) on {joblib.cpu_count()} cores: {threads} torch thread(s)"
             in (job / "train.log").read_text()
+        )
     assert not (sweep / ".gpu_slots").exists()  # no GPU here: nothing to claim
+
+
+def _configure(cfg, *args, **kwargs):
+    return slots.configure_job(cfg.trainer, cfg.get("num_threads"), *args, **kwargs)

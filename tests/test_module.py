@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from distillab.data import SyntheticDataModule
-from distillab.distill.losses import KDLoss
+from distillab import conf
+from distillab.distill.methods.kd import KD
 from distillab.distill.module import FINITE_CHECK_EVERY, DistillationModule
 
 
@@ -36,17 +36,25 @@ class TeacherWatch(pl.Callback):
 
 def _teacher() -> nn.Module:
     # BatchNorm and dropout: both change behaviour (and BN its statistics) in train mode
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)
+    )
 
 
 def _fit(tmp_path: Path, teacher: nn.Module) -> tuple[DistillationModule, TeacherWatch, pl.Trainer]:
-    data = SyntheticDataModule(input_shape=(1, 4, 4), num_classes=4, num_samples=200, batch_size=32)
+    data = conf.build("data", "synthetic", input_shape=[1, 4, 4], num_classes=4, num_samples=200, batch_size=32)
     student = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-    module = DistillationModule(student, teacher, KDLoss(lam=0.5, temperature=2.0))
+    module = DistillationModule(student, teacher, KD(lam=0.5, temperature=2.0))
     watch = TeacherWatch()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[watch], default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[watch],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     trainer.validate(module, datamodule=data, verbose=False)
     return module, watch, trainer
@@ -84,7 +92,7 @@ def test_teacher_not_in_optimizer_nor_checkpoint(tmp_path):
 
 def test_module_train_call_cannot_unfreeze_teacher():
     teacher = _teacher()
-    module = DistillationModule(nn.Linear(16, 4), teacher, KDLoss())
+    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0))
     module.train()
     assert not any(m.training for m in teacher.modules())
     assert module.student.training
@@ -92,14 +100,14 @@ def test_module_train_call_cannot_unfreeze_teacher():
 
 def test_teacher_follows_module_device_and_dtype():
     teacher = _teacher()
-    module = DistillationModule(nn.Linear(16, 4), teacher, KDLoss())
+    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0))
     module.double()
     assert all(p.dtype == torch.float64 for p in teacher.parameters())
 
 
 # -- per-epoch metrics, the NaN check and the speed-ups of the training loop ----------------------
 class RecordingLoss(nn.Module):
-    """KDLoss that records, per training step, its terms, the batch size, the number of correct
+    """KD that records, per training step, its terms, the batch size, the number of correct
     predictions and the NVML-check setting seen inside the optimizer step; ``nan_at`` makes the
     loss of that step (counted from 0 over the whole fit) NaN."""
 
@@ -107,7 +115,7 @@ class RecordingLoss(nn.Module):
 
     def __init__(self, nan_at: int | None = None) -> None:
         super().__init__()
-        self.inner = KDLoss(lam=0.5, temperature=2.0)
+        self.inner = KD(lam=0.5, temperature=2.0)
         self.nan_at = nan_at
         self.steps: list[dict] = []
 
@@ -115,23 +123,32 @@ class RecordingLoss(nn.Module):
         terms = self.inner(logits, teacher_logits, targets)
         if self.nan_at is not None and len(self.steps) == self.nan_at:
             terms = {name: value * float("nan") for name, value in terms.items()}
-        self.steps.append({
-            **{name: float(value.detach()) for name, value in terms.items()},
-            "n": len(targets),
-            "correct": int((logits.argmax(dim=1) == targets).sum()),
-            "env": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
-        })
+        self.steps.append(
+            {
+                **{name: float(value.detach()) for name, value in terms.items()},
+                "n": len(targets),
+                "correct": int((logits.argmax(dim=1) == targets).sum()),
+                "env": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
+            }
+        )
         return terms
 
 
-def _data(**kwargs) -> SyntheticDataModule:
-    return SyntheticDataModule(input_shape=(1, 4, 4), num_classes=4, **kwargs)
+def _data(**kwargs):
+    return conf.build("data", "synthetic", input_shape=[1, 4, 4], num_classes=4, **kwargs)
 
 
 def _trainer(tmp_path: Path, epochs: int, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                      default_root_dir=tmp_path)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
 
 
 def test_epoch_metrics_are_batch_size_weighted_means_of_the_steps(tmp_path):
@@ -190,7 +207,7 @@ def test_optimizer_steps_skip_the_nvml_check_only_without_a_gpu(tmp_path):
 
 
 def test_module_attributes_still_register_parameters_and_submodules():
-    module = DistillationModule(nn.Linear(16, 4), _teacher(), KDLoss())
+    module = DistillationModule(nn.Linear(16, 4), _teacher(), KD(lam=0.5, temperature=2.0))
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
     module.head = nn.Linear(4, 2)

@@ -44,13 +44,23 @@ def _logged(path, name: str) -> list[float]:
     return [float(row[name]) for row in rows if row.get(name)]
 
 
-@pytest.mark.parametrize("scheduler,args,expected", [
-    ("multistep", ["optim.scheduler.milestones=[1,2]"], [0.05, 0.005, 0.0005]),
-    ("cosine", ["optim.scheduler.warmup_epochs=1"], [0.05, 0.05, 0.025]),
-])
+@pytest.mark.parametrize(
+    "scheduler,args,expected",
+    [
+        ("multistep", ["optim.scheduler.milestones=[1,2]"], [0.05, 0.005, 0.0005]),
+        ("cosine", ["optim.scheduler.warmup_epochs=1"], [0.05, 0.05, 0.025]),
+    ],
+)
 def test_teacher_and_student_each_follow_their_own_recipe(make_cfg, tmp_path, scheduler, args, expected):
-    cfg = make_cfg("optim=sgd", f"optim/scheduler={scheduler}", *args, "optim@teacher.recipe.optim=adamw",
-                   "teacher.recipe.optim.optimizer.lr=0.002", "teacher.recipe.max_epochs=2", "trainer.max_epochs=3")
+    cfg = make_cfg(
+        "optim=sgd",
+        f"optim/scheduler={scheduler}",
+        *args,
+        "optim@teacher.recipe.optim=adamw",
+        "teacher.recipe.optim.optimizer.lr=0.002",
+        "teacher.recipe.max_epochs=2",
+        "trainer.max_epochs=3",
+    )
     assert pipeline.run(cfg)["status"] == "ok"
     assert _logged(tmp_path / "run" / "csv" / "student" / "metrics.csv", "train/lr") == pytest.approx(expected)
     assert _logged(tmp_path / "run" / "csv" / "teacher" / "metrics.csv", "train/lr") == pytest.approx([0.002] * 2)

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillab import pipeline, results, teachers
+from distillab import pipeline, results
+from distillab.teacher import cache
+from tests.conftest import teacher_folder, teacher_key
 
 
 def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
@@ -41,7 +43,7 @@ def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
 def test_second_run_hits_the_teacher_cache(make_cfg, tmp_path, caplog):
     first = pipeline.run(make_cfg(out=tmp_path / "a"))
     caplog.clear()
-    with caplog.at_level("INFO", logger="distillab.teachers"):
+    with caplog.at_level("INFO", logger="distillab.teacher.cache"):
         second = pipeline.run(make_cfg("distill=none", "seed=1", out=tmp_path / "b"))
     assert first["teacher"]["cache"] == "miss" and second["teacher"]["cache"] == "hit"
     assert second["teacher"]["cache_key"] == first["teacher"]["cache_key"]
@@ -55,25 +57,26 @@ def test_second_run_hits_the_teacher_cache(make_cfg, tmp_path, caplog):
 
 
 def test_cache_key_ignores_the_run_seed_and_display_settings(make_cfg):
-    base = teachers.cache_key(make_cfg())
-    assert teachers.cache_key(make_cfg("seed=7", "trainer.enable_progress_bar=true", "data.eval_batch_size=64")) == base
-    assert teachers.cache_key(make_cfg("teacher.width=8")) != base
-    assert teachers.cache_key(make_cfg("teacher.recipe.seed=1")) != base
-    assert teachers.cache_key(make_cfg("data.split_seed=1")) != base
+    base = teacher_key(make_cfg())
+    assert teacher_key(make_cfg("seed=7", "trainer.enable_progress_bar=true", "data.eval_batch_size=64")) == base
+    assert teacher_key(make_cfg("teacher.width=8")) != base
+    assert teacher_key(make_cfg("teacher.recipe.seed=1")) != base
+    assert teacher_key(make_cfg("data.split_seed=1")) != base
 
 
 def test_a_killed_teacher_training_leaves_nothing_trusted(make_cfg, tmp_path):
     cfg = make_cfg()
 
-    def crash(model, staging):
+    def crash(model, staging, single_process):
         (staging / "partial").write_text("half a teacher")
         raise KeyboardInterrupt
 
+    identity = cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision)
     with pytest.raises(KeyboardInterrupt):
-        teachers.obtain(cfg, torch.nn.Linear(64, 10), train=crash)
-    cache = Path(cfg.paths.cache_dir)
-    assert not teachers.is_complete(teachers.cache_folder(cfg))
-    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+        cache.obtain(torch.nn.Linear(64, 10), identity, cfg.paths.cache_dir, cfg.trainer, crash)
+    folder = Path(cfg.paths.cache_dir)
+    assert not cache.is_complete(teacher_folder(cfg))
+    assert not [p for p in folder.iterdir() if not p.name.endswith(".lock")]
 
 
 def test_teacher_from_a_state_dict_file(make_cfg, tmp_path):
@@ -95,8 +98,9 @@ def test_nan_loss_is_a_failed_run_with_one_line(make_cfg, tmp_path):
 
 
 def test_in_a_sweep_a_failure_is_recorded_and_the_run_returns(make_cfg, tmp_path):
-    record = pipeline.run(make_cfg("optim.optimizer.lr=1e30", "distill=none", "data.normalize=false"),
-                          raise_on_failure=False)
+    record = pipeline.run(
+        make_cfg("optim.optimizer.lr=1e30", "distill=none", "data.normalize=false"), raise_on_failure=False
+    )
     assert record["status"] == "failed"
     assert results.read(tmp_path / "run")["status"] == "failed"
 
@@ -117,8 +121,16 @@ def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, 
 def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path):
     from tests.conftest import FAST, run_train
 
-    result = run_train([*FAST, "optim.optimizer.lr=1e30", "distill=none", "data.normalize=false",
-                        f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            *FAST,
+            "optim.optimizer.lr=1e30",
+            "distill=none",
+            "data.normalize=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "FloatingPointError" in result.stderr and "Traceback" not in result.stderr
@@ -137,10 +149,10 @@ def test_the_teacher_does_not_depend_on_the_run_seed(make_cfg, tmp_path):
 
 def test_teacher_only_augmentation_needs_a_datamodule_that_can_switch_it(make_cfg, monkeypatch):
     from distillab.config import ConfigError
-    from distillab.data import DigitsDataModule
+    from distillab.data import InMemoryDataModule
 
     cfg = make_cfg("teacher.recipe.augment=true")
     pipeline.prepare(cfg)  # digits (an InMemoryDataModule) has the switch
-    monkeypatch.delattr(DigitsDataModule.__mro__[1], "augmentation")
+    monkeypatch.delattr(InMemoryDataModule, "augmentation")
     with pytest.raises(ConfigError, match="teacher.recipe.augment"):
         pipeline.prepare(cfg)

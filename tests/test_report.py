@@ -33,26 +33,49 @@ GROUP_B = "compress=prune distill=none"
 
 def model_block(acc: float, params: int, arch: str = "mlp", latency: float = 0.2) -> dict:
     return {
-        "arch": arch, "params": params, "nonzero_params": params, "size_bytes": params * 4,
-        "macs": params * 2, "latency_ms": {"batch_1": 99.0, "batch_64": latency},
-        "test": {"acc": acc, "f1": acc - 0.01, "precision": acc, "recall": acc,
-                 "agreement": acc + 0.04},
+        "arch": arch,
+        "params": params,
+        "nonzero_params": params,
+        "size_bytes": params * 4,
+        "macs": params * 2,
+        "latency_ms": {"batch_1": 99.0, "batch_64": latency},
+        "test": {"acc": acc, "f1": acc - 0.01, "precision": acc, "recall": acc, "agreement": acc + 0.04},
         "val": {"acc": acc - 0.02},
     }
 
 
-def make_result(group: str, seed: int, acc: float, *, params: int = 1000, method: str = "kd",
-                compress: str = "none", compressed: dict | None = None, retention: float = 0.9,
-                teacher_key: str = "t1key0000", teacher_acc: float = 0.99,
-                latency: float = 0.2) -> dict:
+def make_result(
+    group: str,
+    seed: int,
+    acc: float,
+    *,
+    params: int = 1000,
+    method: str = "kd",
+    compress: str = "none",
+    compressed: dict | None = None,
+    retention: float = 0.9,
+    teacher_key: str = "t1key0000",
+    teacher_acc: float = 0.99,
+    latency: float = 0.2,
+) -> dict:
     """One ok results.json; ``compressed`` replaces the student as the evaluated model."""
     overrides = ([] if group == "(defaults)" else group.split()) + [f"seed={seed}"]
     result = {
-        "status": "ok", "config_hash": f"hash{seed}", "group": group, "overrides": overrides,
-        "seed": seed, "dataset": "digits", "method": method, "compress": compress,
-        "teacher": {"arch": "cnn", "params": 90000, "cache": "hit", "cache_key": teacher_key,
-                    "test": {"acc": teacher_acc, "f1": teacher_acc, "precision": teacher_acc,
-                             "recall": teacher_acc}},
+        "status": "ok",
+        "config_hash": f"hash{seed}",
+        "group": group,
+        "overrides": overrides,
+        "seed": seed,
+        "dataset": "digits",
+        "method": method,
+        "compress": compress,
+        "teacher": {
+            "arch": "cnn",
+            "params": 90000,
+            "cache": "hit",
+            "cache_key": teacher_key,
+            "test": {"acc": teacher_acc, "f1": teacher_acc, "precision": teacher_acc, "recall": teacher_acc},
+        },
         "student": model_block(acc, params, latency=latency),
         "ratios": {"params": params / 90000, "size": 0.03, "acc_retention": retention},
         "timing_s": {"teacher": 1.0, "student": 10.0, "compress": 0.0, "total": 12.0},
@@ -85,11 +108,9 @@ def sweep(tmp_path: Path) -> Path:
     for seed, (acc, retention) in enumerate([(0.90, 0.90), (0.92, 0.93), (0.94, 0.96)]):
         write_job(root, str(seed), make_result(GROUP_A, seed, acc, retention=retention))
     for seed, acc in enumerate([0.80, 0.84, 0.88]):
-        result = make_result(GROUP_B, seed, 0.95, method="none", compress="prune",
-                             compressed=model_block(acc, 400))
+        result = make_result(GROUP_B, seed, 0.95, method="none", compress="prune", compressed=model_block(acc, 400))
         write_job(root, str(seed + 3), result)
-    write_job(root, "6", {"status": "failed", "error": "RuntimeError: CUDA out of memory",
-                          "group": GROUP_A, "seed": 3})
+    write_job(root, "6", {"status": "failed", "error": "RuntimeError: CUDA out of memory", "group": GROUP_A, "seed": 3})
     write_job(root, "7", None)
     write_job(root, "10", '{"status": "ok", "group": ')
     # artefact folders may hold a results.json of their own; they are not jobs
@@ -104,8 +125,7 @@ def test_collect_lists_every_job_in_natural_order(sweep: Path) -> None:
     records = collect(sweep)
     assert [r["job"] for r in records] == ["0", "1", "2", "3", "4", "5", "6", "7", "10"]
     statuses = {r["job"]: r["status"] for r in records}
-    assert statuses == {**{str(i): "ok" for i in range(6)}, "6": "failed", "7": "missing",
-                        "10": "unreadable"}
+    assert statuses == {**{str(i): "ok" for i in range(6)}, "6": "failed", "7": "missing", "10": "unreadable"}
     by_job = {r["job"]: r for r in records}
     assert by_job["6"]["error"] == "RuntimeError: CUDA out of memory"
     assert by_job["10"]["path"] == str(sweep / "10" / "results.json")
@@ -163,9 +183,11 @@ def test_summarize_single_seed_has_no_std() -> None:
 
 
 def test_summarize_teacher_rows_per_cache_key() -> None:
-    results = [make_result(GROUP_A, 0, 0.9, teacher_key="t1", teacher_acc=0.98),
-               make_result(GROUP_A, 1, 0.9, teacher_key="t1", teacher_acc=0.96),
-               make_result(GROUP_B, 0, 0.9, teacher_key="t2", teacher_acc=0.90)]
+    results = [
+        make_result(GROUP_A, 0, 0.9, teacher_key="t1", teacher_acc=0.98),
+        make_result(GROUP_A, 1, 0.9, teacher_key="t1", teacher_acc=0.96),
+        make_result(GROUP_B, 0, 0.9, teacher_key="t2", teacher_acc=0.90),
+    ]
     teachers = [row for row in summarize(ok_records(results)) if row["role"] == "teacher"]
     assert [(t["teacher_key"], t["n_seeds"]) for t in teachers] == [("t1", 2), ("t2", 1)]
     assert teachers[0]["acc_mean"] == pytest.approx(0.97)
@@ -177,10 +199,16 @@ def test_summarize_teacher_rows_per_cache_key() -> None:
 
 
 def test_pareto_front_on_a_constructed_case() -> None:
-    points = {"g1": (100, 0.80), "g2": (200, 0.90), "g3": (300, 0.85), "g4": (200, 0.70),
-              "g5": (50, 0.50), "g6": (400, 0.90), "g7": (100, 0.80)}
-    results = [make_result(group, 0, acc, params=params)
-               for group, (params, acc) in points.items()]
+    points = {
+        "g1": (100, 0.80),
+        "g2": (200, 0.90),
+        "g3": (300, 0.85),
+        "g4": (200, 0.70),
+        "g5": (50, 0.50),
+        "g6": (400, 0.90),
+        "g7": (100, 0.80),
+    }
+    results = [make_result(group, 0, acc, params=params) for group, (params, acc) in points.items()]
     rows = [row for row in summarize(ok_records(results)) if row["role"] == "student"]
     front = {row["group"] for row in rows if row["pareto"]}
     # g3, g4 are beaten by g2; g6 has g2's accuracy at a higher cost; g1 and g7 tie
@@ -189,8 +217,10 @@ def test_pareto_front_on_a_constructed_case() -> None:
 
 
 def test_latency_axis_uses_batch_64_and_moves_the_front() -> None:
-    results = [make_result("small", 0, 0.80, params=100, latency=2.0),
-               make_result("big", 0, 0.90, params=200, latency=1.0)]
+    results = [
+        make_result("small", 0, 0.80, params=100, latency=2.0),
+        make_result("big", 0, 0.90, params=200, latency=1.0),
+    ]
     by_params = {r["group"]: r for r in summarize(ok_records(results), x="params")}
     by_latency = {r["group"]: r for r in summarize(ok_records(results), x="latency_ms")}
     assert by_latency["small"]["latency_ms_mean"] == 2.0
@@ -198,9 +228,10 @@ def test_latency_axis_uses_batch_64_and_moves_the_front() -> None:
     assert not by_latency["small"]["pareto"] and by_latency["big"]["pareto"]
 
 
-@pytest.mark.parametrize("call", [lambda: summarize([], x="flops"),
-                                  lambda: write_report(".", x="flops"),
-                                  lambda: SweepReportCallback(x="flops")])
+@pytest.mark.parametrize(
+    "call",
+    [lambda: summarize([], x="flops"), lambda: write_report(".", x="flops"), lambda: SweepReportCallback(x="flops")],
+)
 def test_bad_x_names_the_allowed_values(call) -> None:
     with pytest.raises(ValueError, match="flops") as info:
         call()
@@ -232,7 +263,10 @@ def test_write_report_csv_has_one_row_per_group_and_teacher(sweep: Path) -> None
         rows = list(reader)
     assert reader.fieldnames == COLUMNS
     assert [(r["role"], r["group"]) for r in rows] == [
-        ("student", GROUP_B), ("student", GROUP_A), ("teacher", "teacher cnn [t1key000]")]
+        ("student", GROUP_B),
+        ("student", GROUP_A),
+        ("teacher", "teacher cnn [t1key000]"),
+    ]
     a = rows[1]
     assert a["n_seeds"] == "3" and a["seeds"] == "0 1 2" and a["pareto"] == "true"
     assert float(a["acc_mean"]) == pytest.approx(0.92)
@@ -292,13 +326,14 @@ def test_write_report_on_a_sweep_without_ok_jobs(tmp_path: Path) -> None:
 
 def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_report_never_imports_pyplot(sweep: Path) -> None:
-    code = ("import sys; from distillab.report import write_report; "
-            f"write_report({str(sweep)!r}); print('matplotlib.pyplot' in sys.modules)")
+    code = (
+        "import sys; from distillab.report import write_report; "
+        f"write_report({str(sweep)!r}); print('matplotlib.pyplot' in sys.modules)"
+    )
     out = _run(["-c", code])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -335,8 +370,7 @@ def _sweep_config(folder: Path):
 
 
 def test_callback_writes_the_report(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
-    callback = hydra.utils.instantiate({"_target_": "distillab.report.SweepReportCallback",
-                                        "x": "latency_ms"})
+    callback = hydra.utils.instantiate({"_target_": "distillab.report.SweepReportCallback", "x": "latency_ms"})
     with caplog.at_level(logging.INFO, logger="distillab.report"):
         callback.on_multirun_end(config=_sweep_config(sweep))
     assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file()
@@ -347,12 +381,14 @@ def test_callback_writes_the_report(sweep: Path, caplog: pytest.LogCaptureFixtur
 
 @pytest.mark.parametrize("broken", ["missing folder", "write fails", "no sweep key"])
 def test_callback_logs_one_error_line_and_never_raises(
-        broken: str, sweep: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    broken: str, sweep: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     config = _sweep_config(sweep / "absent")
     if broken == "write fails":
+
         def fail(*args, **kwargs):
             raise RuntimeError("disk full\ntraceback details")
+
         monkeypatch.setattr(report, "write_report", fail)
         config = _sweep_config(sweep)
     elif broken == "no sweep key":
@@ -369,7 +405,8 @@ def test_callback_logs_one_error_line_and_never_raises(
 def test_callback_runs_at_the_end_of_a_real_multirun(tmp_path: Path) -> None:
     """The sweep folder's ${now:} must resolve to the folder the jobs were written to."""
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "cfg.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "conf" / "cfg.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         hydra:
           sweep:
@@ -377,8 +414,10 @@ def test_callback_runs_at_the_end_of_a_real_multirun(tmp_path: Path) -> None:
           callbacks:
             report:
               _target_: distillab.report.SweepReportCallback
-        """))
-    (tmp_path / "app.py").write_text(textwrap.dedent("""\
+        """)
+    )
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent("""\
         import json
         from pathlib import Path
 
@@ -397,7 +436,8 @@ def test_callback_runs_at_the_end_of_a_real_multirun(tmp_path: Path) -> None:
 
         if __name__ == "__main__":
             app()
-        """))
+        """)
+    )
     out = _run(["app.py", "-m", "seed=0,1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     (folder,) = (tmp_path / "multirun").iterdir()
@@ -415,8 +455,13 @@ def test_rows_are_named_by_the_overrides_that_differ() -> None:
 
 
 def test_unstructured_pruning_rows_carry_the_dense_latency_note(tmp_path: Path) -> None:
-    write_job(tmp_path, "0", make_result("compress=prune_unstructured", 0, 0.9, compress="prune_unstructured",
-                                         compressed=model_block(0.9, 1000)))
+    write_job(
+        tmp_path,
+        "0",
+        make_result(
+            "compress=prune_unstructured", 0, 0.9, compress="prune_unstructured", compressed=model_block(0.9, 1000)
+        ),
+    )
     write_job(tmp_path, "1", make_result("compress=none", 0, 0.9))
     records = collect(tmp_path)
     rows = summarize(records)
@@ -426,8 +471,15 @@ def test_unstructured_pruning_rows_carry_the_dense_latency_note(tmp_path: Path) 
 
 
 def test_compression_methods_get_their_own_markers() -> None:
-    rows = summarize(ok_records([make_result("compress=none", 0, 0.95),
-                                 make_result("compress=quant_dynamic", 0, 0.94, compress="quant_dynamic",
-                                             compressed=model_block(0.94, 1000))]))
+    rows = summarize(
+        ok_records(
+            [
+                make_result("compress=none", 0, 0.95),
+                make_result(
+                    "compress=quant_dynamic", 0, 0.94, compress="quant_dynamic", compressed=model_block(0.94, 1000)
+                ),
+            ]
+        )
+    )
     labels = [line.get_label() for line in accuracy_figure(rows, "params", "t").axes[0].containers]
     assert {"method=kd", "method=kd, compress=quant_dynamic"} <= set(labels)

@@ -7,14 +7,23 @@ from pathlib import Path
 
 import torch
 
-from distillab import results, teachers
+from distillab import results
+from distillab.teacher import cache as teacher_cache
 from tests.conftest import FAST, compose_cfg, run_train
 
 
 def test_multirun_trains_the_teacher_once_and_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "distill=none,kd", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
-                        f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            "-m",
+            "distill=none,kd",
+            "seed=0,1",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [results.read(job) for job in sorted(sweep.glob("[0-9]*"))]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
@@ -35,20 +44,22 @@ def test_multirun_trains_the_teacher_once_and_writes_the_report(tmp_path):
 def _obtain(out: str, cache: str, marker: str) -> str:
     cfg = compose_cfg(FAST, Path(out), Path(cache))
 
-    def slow_train(model, staging):
+    def slow_train(model, staging, single_process):
         with open(marker, "a") as handle:
             handle.write("trained\n")
         time.sleep(1.0)  # the other job arrives while this one trains
         return {"val": {"acc": 1.0}}
 
-    return teachers.obtain(cfg, torch.nn.Linear(64, 10), train=slow_train).cache
+    identity = teacher_cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision)
+    return teacher_cache.obtain(torch.nn.Linear(64, 10), identity, cfg.paths.cache_dir, cfg.trainer, slow_train).cache
 
 
 def test_two_jobs_missing_the_same_teacher_train_it_once(tmp_path):
     marker = tmp_path / "trained.txt"
     context = multiprocessing.get_context("spawn")
     with context.Pool(2) as pool:
-        caches = pool.starmap(_obtain, [(str(tmp_path / f"job{i}"), str(tmp_path / "cache"), str(marker))
-                                        for i in range(2)])
+        caches = pool.starmap(
+            _obtain, [(str(tmp_path / f"job{i}"), str(tmp_path / "cache"), str(marker)) for i in range(2)]
+        )
     assert sorted(caches) == ["hit", "miss"]
     assert marker.read_text().count("trained") == 1

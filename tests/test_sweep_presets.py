@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import Container, OmegaConf
 
-from distillab import cli, results
+from distillab import cli, conf, results
 from distillab.config import ConfigError, validate
 from tests.conftest import CONF, FAST, compose_hydra, run_train
 
@@ -22,7 +22,7 @@ PRESETS = {
     "student_size_cnn": {"student.width": 3, "student.blocks": 2, "distill": 2, "seed": 3},
     "compression": {"compress": 5, "compress.amount": 3, "seed": 3},
 }
-DISTILL_LOSSES = {"none": "CrossEntropy", "kd": "KDLoss"}
+DISTILL_LOSSES = {"none": "CrossEntropy", "kd": "KD"}
 
 
 def grid(params: dict[str, str]) -> dict[str, list[str]]:
@@ -43,9 +43,13 @@ def jobs_of(axes: dict[str, list[str]]) -> list[list[str]]:
 
 
 def test_every_grid_preset_is_tested_here() -> None:
-    grids = {path.stem for path in (CONF / "sweep").glob("*.yaml")
-             if compose_hydra(f"sweep={path.stem}").hydra.sweeper._target_.endswith("BasicSweeper")}
+    grids = {
+        path.stem
+        for path in (CONF / "sweep").glob("*.yaml")
+        if compose_hydra(f"sweep={path.stem}").hydra.sweeper._target_.endswith("BasicSweeper")
+    }
     assert grids == set(PRESETS)
+
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_is_a_multirun_of_its_grid(name: str) -> None:
@@ -73,21 +77,25 @@ def test_every_job_of_a_preset_composes_and_validates(name: str) -> None:
             if key == "distill":  # a group whose config carries no name: its loss class tells
                 assert cfg.distill._target_.endswith(DISTILL_LOSSES[override.value()]), override.input_line
                 continue
-            actual = cfg.compress.method if key == "compress" else OmegaConf.select(cfg, key)
+            if key == "compress":  # likewise: the option's file, whatever amount the job sweeps
+                assert _is_option(cfg.compress, "compress", override.value()), override.input_line
+                continue
+            actual = OmegaConf.select(cfg, key)
             actual = OmegaConf.to_container(actual) if isinstance(actual, Container) else actual
             assert actual == override.value(), override.input_line
+
 
 def test_the_compression_grid_pairs_each_method_with_its_own_amount() -> None:
     for method in ("prune_unstructured", "prune_structured", "prune_structured+quant_static"):
         cfg = cli._compose(["sweep=compression", f"compress={method}", "compress.amount=0.7"])
-        assert cfg.compress.method == method and cfg.compress.amount == 0.7
+        assert _is_option(cfg.compress, "compress", method) and cfg.compress.amount == 0.7
     with pytest.raises(ConfigError, match=r"compress\.amount=1\.5 is not allowed"):
         validate(cli._compose(["sweep=compression", "compress=prune_structured", "compress.amount=1.5"]))
 
 
 def test_the_preset_changes_the_groups() -> None:
     assert compose_hydra("sweep=lambda_T", "distill=none").distill._target_.endswith("CrossEntropy")
-    assert compose_hydra("sweep=lambda_T").distill._target_.endswith("KDLoss")
+    assert compose_hydra("sweep=lambda_T").distill._target_.endswith(".KD")
     assert compose_hydra("sweep=student_size_cnn").student._target_.endswith("CNN")
 
 
@@ -103,8 +111,17 @@ def test_the_pre_hydra_check_passes_a_preset_and_rejects_a_bad_value_swept_on_to
 
 def test_a_preset_runs_from_the_command_line_and_a_key_given_there_replaces_its_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_train(["sweep=lambda_T", "distill.lam=0.5", "distill.temperature=2", "seed=0,1", *FAST,
-                        f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_train(
+        [
+            "sweep=lambda_T",
+            "distill.lam=0.5",
+            "distill.temperature=2",
+            "seed=0,1",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(path.parent for path in sweep.glob("*/results.json"))
     assert len(jobs) == 2  # not the preset's 3 × 4 × 3 grid
@@ -114,3 +131,10 @@ def test_a_preset_runs_from_the_command_line_and_a_key_given_there_replaces_its_
     assert all({"distill.lam=0.5", "distill.temperature=2"} <= set(r["overrides"]) for r in records)
     for name in ("summary.csv", "summary.md", "accuracy_vs_params.png"):
         assert (sweep / name).stat().st_size > 0, name
+
+
+def _is_option(node, group: str, option: str) -> bool:
+    """Whether ``node`` is ``conf/<group>/<option>.yaml`` (apart from the swept ``amount``)."""
+    expected = OmegaConf.to_container(conf.load(group, option))
+    actual = OmegaConf.to_container(node)
+    return {k: v for k, v in actual.items() if k != "amount"} == {k: v for k, v in expected.items() if k != "amount"}

@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from distillab import pipeline, teachers
+from distillab import pipeline
 from distillab.config import ConfigError
 from distillab.distill import transfer
 from distillab.distill.transfer import NoMatchingTensors, block_indices, init_from_teacher, plan
 from distillab.models import CNN, MLP, WideResNet, resnet8, resnet20, resnet32, resnet56
+from distillab.teacher import cache
+from tests.conftest import teacher_folder
 
 SHAPE, CLASSES = (3, 8, 8), 10
 
@@ -37,12 +39,16 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- which tensors ----------------------------------------------------------------------------
-@pytest.mark.parametrize("build", [
-    lambda: MLP(SHAPE, CLASSES, hidden=[16, 16]),
-    lambda: CNN(SHAPE, CLASSES, width=8, blocks=2),
-    lambda: resnet8(SHAPE, CLASSES),
-    lambda: WideResNet(SHAPE, CLASSES, depth=16, widen_factor=1),
-], ids=["mlp", "cnn", "resnet8", "wrn_16_1"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: MLP(SHAPE, CLASSES, hidden=[16, 16], dropout=0.0, input_dropout=0.0),
+        lambda: CNN(SHAPE, CLASSES, width=8, blocks=2, dropout=0.0),
+        lambda: resnet8(SHAPE, CLASSES),
+        lambda: WideResNet(SHAPE, CLASSES, depth=16, widen_factor=1),
+    ],
+    ids=["mlp", "cnn", "resnet8", "wrn_16_1"],
+)
 def test_the_same_architecture_copies_every_tensor_exactly(build):
     torch.manual_seed(0)
     student = build()
@@ -84,8 +90,8 @@ def test_a_shallower_resnet_takes_every_kth_block_of_the_deeper_one(pair):
 def test_only_layers_whose_every_tensor_has_the_same_shape_are_copied():
     # stage 1 of the student (16 channels) takes stage 2 of the teacher (32): shapes differ, as
     # do the classifiers; only stage 0 matches, BatchNorm buffers included
-    teacher = trained_like(CNN(SHAPE, CLASSES, width=8, blocks=3), seed=3)
-    student = CNN(SHAPE, CLASSES, width=8, blocks=2)
+    teacher = trained_like(CNN(SHAPE, CLASSES, width=8, blocks=3, dropout=0.0), seed=3)
+    student = CNN(SHAPE, CLASSES, width=8, blocks=2, dropout=0.0)
     init = snapshot(student)
     report = init_from_teacher(student, teacher)
     names = list(init)
@@ -99,8 +105,8 @@ def test_only_layers_whose_every_tensor_has_the_same_shape_are_copied():
 
 def test_an_mlp_student_takes_the_first_hidden_layer_and_classifier_of_a_deeper_mlp():
     # ReLU and dropout hold no tensors and do not count as blocks
-    teacher = trained_like(MLP(SHAPE, CLASSES, hidden=[16, 16], dropout=0.1), seed=4)
-    student = MLP(SHAPE, CLASSES, hidden=[16])
+    teacher = trained_like(MLP(SHAPE, CLASSES, hidden=[16, 16], dropout=0.1, input_dropout=0.0), seed=4)
+    student = MLP(SHAPE, CLASSES, hidden=[16], dropout=0.0, input_dropout=0.0)
     names = ["features.1.weight", "features.1.bias", "classifier.weight", "classifier.bias"]
     assert plan(student, teacher) == [(name, name) for name in names]
 
@@ -136,19 +142,25 @@ def test_interpolation_is_exactly_the_weighted_sum(weight):
 # -- errors -------------------------------------------------------------------------------------
 def test_architectures_without_a_common_layer_are_a_one_line_error():
     with pytest.raises(NoMatchingTensors) as info:
-        init_from_teacher(MLP(SHAPE, CLASSES, hidden=[32]), CNN(SHAPE, CLASSES, width=32, blocks=2))
+        init_from_teacher(
+            MLP(SHAPE, CLASSES, hidden=[32], dropout=0.0, input_dropout=0.0),
+            CNN(SHAPE, CLASSES, width=32, blocks=2, dropout=0.0),
+        )
     message = str(info.value)
     assert "\n" not in message and "(MLP)" in message and "(CNN)" in message
     with pytest.raises(ValueError, match="init_weight"):
         init_from_teacher(resnet8(SHAPE, CLASSES), resnet8(SHAPE, CLASSES), weight=1.5)
 
 
-@pytest.mark.parametrize(("overrides", "start"), [
-    (["student.init=from_teacher"], "student.init=from_teacher: no layer of the student (mlp)"),
-    (["student.init=copy"], "student.init='copy' is not allowed: null or from_teacher"),
-    (["student.init=from_teacher", "student.init_weight=1.5"], "student.init_weight=1.5 is not allowed"),
-    (["student.init=from_teacher", "teachers=[cnn,mlp]"], "student.init=from_teacher takes the weights of one"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["student.init=from_teacher"], "student.init=from_teacher: no layer of the student (mlp)"),
+        (["student.init=copy"], "student.init='copy' is not allowed: from_teacher, or null"),
+        (["student.init=from_teacher", "student.init_weight=1.5"], "student.init_weight=1.5 is not allowed"),
+        (["student.init=from_teacher", "teachers=[cnn,mlp]"], "student.init=from_teacher takes the weights of one"),
+    ],
+)
 def test_bad_init_settings_fail_before_any_training(make_cfg, tmp_path, overrides, start):
     with pytest.raises(ConfigError) as info:
         pipeline.run(make_cfg(*overrides))
@@ -172,10 +184,15 @@ def test_a_run_starts_the_student_from_the_trained_teacher(make_cfg, tmp_path, m
     assert record["status"] == "ok"
     init = record["student"]["init"]
     names = list(seen["student"])
-    assert init == {"from": "teacher", "weight": 1.0, "copied": len(names),
-                    "tensors": [[name, name] for name in names], "kept": []}
+    assert init == {
+        "from": "teacher",
+        "weight": 1.0,
+        "copied": len(names),
+        "tensors": [[name, name] for name in names],
+        "kept": [],
+    }
     # the teacher it copied is the trained one in the cache, and the copy is exact
-    cached = teachers.load_state_dict(teachers.cache_folder(cfg) / teachers.CHECKPOINT)
+    cached = cache.load_state_dict(teacher_folder(cfg) / cache.CHECKPOINT)
     for name in names:
         assert torch.equal(seen["teacher"][name], cached[name])
         assert torch.equal(seen["student"][name], cached[name])

@@ -116,8 +116,16 @@ def test_offline_is_detected_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_override_tags_are_short_and_leave_out_folders():
-    overrides = ["distill=kd", "seed=1", "+distill.extra=1", "paths.cache_dir=/x", "hydra.sweep.dir=/y",
-                 "logger=wandb", "distill=kd", "student.hidden=[" + ",".join(["128"] * 20) + "]"]
+    overrides = [
+        "distill=kd",
+        "seed=1",
+        "+distill.extra=1",
+        "paths.cache_dir=/x",
+        "hydra.sweep.dir=/y",
+        "logger=wandb",
+        "distill=kd",
+        "student.hidden=[" + ",".join(["128"] * 20) + "]",
+    ]
     tags = loggers.override_tags(overrides)
     assert tags[:3] == ["distill=kd", "seed=1", "distill.extra=1"] and len(tags) == 4
     assert tags[3].startswith("student.hidden=[128,") and len(tags[3]) == loggers.TAG_LENGTH
@@ -125,14 +133,25 @@ def test_override_tags_are_short_and_leave_out_folders():
 
 @pytest.mark.parametrize("logger, expected", [("wandb", True), ("csv", False), ("none", False)])
 def test_the_summary_run_is_only_for_sweeps_that_log_to_wandb(make_cfg, logger, expected):
-    assert loggers.uses_wandb(make_cfg(f"logger={logger}")) is expected
+    assert loggers.uses_wandb(make_cfg(f"logger={logger}").get("logger")) is expected
 
 
 def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, no_wandb_account):
     sweep = tmp_path / "sweep"
     fast = [o for o in FAST if not o.startswith("logger=")]
-    result = run_train(["-m", "seed=0,1", "distill=kd", "logger=wandb", *fast, "trainer.max_epochs=2",
-                        "teacher.recipe.max_epochs=2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}"])
+    result = run_train(
+        [
+            "-m",
+            "seed=0,1",
+            "distill=kd",
+            "logger=wandb",
+            *fast,
+            "trainer.max_epochs=2",
+            "teacher.recipe.max_epochs=2",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'c'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     group = loggers.sweep_group(sweep)
     for job, roles in (("0", ["teacher", "student"]), ("1", ["student"])):

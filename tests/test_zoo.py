@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from distillab import measure, pipeline, results, teachers, zoo
-from distillab.config import STUDENT_ROLE_KEYS, ConfigError
-from distillab.data.synthetic import SyntheticDataModule
+from distillab import build as parts
+from distillab import measure, pipeline, results, zoo
+from distillab.config import ROLE_KEYS, ConfigError
+from distillab.data.adapter import DataInfo
 from distillab.models import hub, resnet8
 from distillab.zoo import PUBLISHED_PARAMS
 from tests.conftest import CONF, ROOT, compose_cfg
@@ -30,9 +31,9 @@ needs_timm = pytest.mark.skipif(not HAS_TIMM, reason='timm is not installed (opt
 PUBLISHED = PUBLISHED_PARAMS  # the published counts, kept once in distillab.zoo
 
 
-def data(shape: tuple[int, ...], classes: int) -> SyntheticDataModule:
-    """A datamodule of the given geometry: build_model reads its input_shape and num_classes."""
-    return SyntheticDataModule(input_shape=shape, num_classes=classes, num_samples=10 * classes)
+def data(shape: tuple[int, ...], classes: int) -> DataInfo:
+    """Data of the given geometry, as a run knows it: build.model reads its input_shape and num_classes."""
+    return DataInfo("synthetic", tuple(shape), classes, "")
 
 
 DIGITS = ((1, 8, 8), 10)
@@ -68,15 +69,14 @@ def offline(monkeypatch, tmp_path):
 
 def build(role: str, overrides: list[str], tmp_path: Path, geometry=DIGITS) -> nn.Module:
     cfg = compose_cfg(overrides, tmp_path)
-    return pipeline.build_model(role, cfg[role], data(*geometry))
+    return parts.model(role, cfg[role], data(*geometry))
 
 
 # -- the zoo configs --------------------------------------------------------------------------
 def test_the_zoo_has_every_benchmark_architecture():
     expected = set(PUBLISHED) | {"vgg16", "vgg19", "torchvision", "timm", "cnn", "mlp"}
     assert expected <= set(ZOO)
-    assert set(ZOO) == {p.stem for p in (CONF / "teacher").glob("*.yaml")}
-    assert set(ZOO) == {p.stem for p in (CONF / "student").glob("*.yaml")}
+    assert set(ZOO) == {p.stem for p in (CONF / "model").glob("*.yaml")}  # teacher= and student= take them all
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -86,16 +86,17 @@ def test_every_zoo_entry_builds_as_teacher_and_student(name, tmp_path):
     cfg = compose_cfg([f"student={name}", f"teacher={name}"], tmp_path)
     # each role selects its zoo entry (the student unchanged); the teacher adds its recipe
     entry = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
-    student_arch = {k: v for k, v in OmegaConf.to_container(cfg.student, resolve=True).items()
-                    if k not in STUDENT_ROLE_KEYS}
+    student_arch = {
+        k: v for k, v in OmegaConf.to_container(cfg.student, resolve=True).items() if k not in ROLE_KEYS["student"]
+    }
     assert student_arch == entry and cfg.student.init is None and cfg.student.init_weight == 1.0
-    teacher_arch = {k: v for k, v in cfg.teacher.items() if k not in teachers.ROLE_KEYS}
+    teacher_arch = {k: v for k, v in cfg.teacher.items() if k not in ROLE_KEYS["teacher"]}
     assert teacher_arch.keys() == entry.keys() and teacher_arch["_target_"] == entry["_target_"]
     assert cfg.teacher.recipe.max_epochs >= 1
 
     digits = data(*DIGITS)
-    student = pipeline.build_model("student", cfg.student, digits).eval()
-    teacher = pipeline.build_model("teacher", cfg.teacher, digits).eval()
+    student = parts.model("student", cfg.student, digits).eval()
+    teacher = parts.model("teacher", cfg.teacher, digits).eval()
     x = torch.randn(3, *DIGITS[0])
     with torch.no_grad():
         for model in (student, teacher):
@@ -139,7 +140,7 @@ def test_torchvision_resnet18_student_adapts_to_the_data(geometry, channels, tmp
 
 
 def test_torchvision_model_too_small_for_its_input_is_fed_upsampled_images():
-    model = hub.torchvision_model((1, 8, 8), 10, name="squeezenet1_1").eval()
+    model = hub.torchvision_model((1, 8, 8), 10, name="squeezenet1_1", pretrained=False, weights=None).eval()
     assert model.input_size == (32, 32)  # SqueezeNet 1.1 needs at least 17×17
     assert model.features[0].in_channels == 1
     seen = []
@@ -152,7 +153,7 @@ def test_torchvision_model_too_small_for_its_input_is_fed_upsampled_images():
 def test_torchvision_model_that_cannot_take_the_input_is_one_line():
     # ViT takes exactly 224×224: a larger input cannot be fixed by upsampling
     with pytest.raises(ConfigError, match=r"^name=vit_b_32: does not accept 3×256×256 inputs"):
-        hub.torchvision_model((3, 256, 256), 10, name="vit_b_32")
+        hub.torchvision_model((3, 256, 256), 10, name="vit_b_32", pretrained=False, weights=None)
 
 
 def test_torchvision_pretrained_offline_is_one_line_naming_the_cache(offline, tmp_path):
@@ -181,14 +182,14 @@ def test_torchvision_pretrained_weights_come_from_the_cache_through_torchvision(
     saved = get_model("resnet18").state_dict()
     torch.save(saved, folder / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url))
 
-    grey = hub.torchvision_model((1, 8, 8), 10, name="resnet18", pretrained=True)
+    grey = hub.torchvision_model((1, 8, 8), 10, name="resnet18", pretrained=True, weights=None)
     assert torch.equal(grey.layer1[0].conv1.weight, saved["layer1.0.conv1.weight"])
     # one channel: the RGB filters summed, i.e. what the RGB model computes on a grey image
     assert torch.allclose(grey.conv1.weight, saved["conv1.weight"].sum(dim=1, keepdim=True))
     assert grey.fc.out_features == 10 and grey.fc.in_features == 512
-    two = hub.torchvision_model((2, 8, 8), 10, name="resnet18", weights="IMAGENET1K_V1")
+    two = hub.torchvision_model((2, 8, 8), 10, name="resnet18", weights="IMAGENET1K_V1", pretrained=False)
     assert torch.allclose(two.conv1.weight, saved["conv1.weight"][:, :2] * 1.5)
-    rgb = hub.torchvision_model((3, 32, 32), 1000, name="resnet18", pretrained=True)
+    rgb = hub.torchvision_model((3, 32, 32), 1000, name="resnet18", pretrained=True, weights=None)
     assert torch.equal(rgb.fc.weight, saved["fc.weight"])  # 1000 classes: the ImageNet head is kept
     grey.eval()
     x = torch.randn(2, 1, 8, 8)
@@ -203,13 +204,13 @@ def test_torchvision_pretrained_weights_come_from_the_cache_through_torchvision(
 
 def test_unknown_torchvision_weights_are_one_line_listing_the_allowed():
     with pytest.raises(ConfigError, match=r"^weights=IMAGENET: .*IMAGENET1K_V1"):
-        hub.torchvision_model((3, 32, 32), 10, name="resnet18", weights="IMAGENET")
+        hub.torchvision_model((3, 32, 32), 10, name="resnet18", weights="IMAGENET", pretrained=False)
 
 
 @pytest.mark.parametrize(("name", "near"), [("resnet81", "resnet18"), ("vit_b16", "vit_b_16"), ("vgg", "vgg11")])
 def test_unknown_torchvision_name_suggests_near_names(name, near):
     with pytest.raises(ConfigError) as info:
-        hub.torchvision_model((3, 32, 32), 10, name=name)
+        hub.torchvision_model((3, 32, 32), 10, name=name, pretrained=False, weights=None)
     message = str(info.value)
     assert message.startswith(f"name={name}: not a torchvision classification model")
     assert near in message.split("did you mean", 1)[1]
@@ -219,7 +220,7 @@ def test_unknown_torchvision_name_suggests_near_names(name, near):
 def test_missing_timm_is_one_line_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
     with pytest.raises(ConfigError) as info:
-        hub.timm_model((1, 8, 8), 10, name="resnet18")
+        hub.timm_model((1, 8, 8), 10, name="resnet18", pretrained=False)
     assert "\n" not in str(info.value)
     assert 'pip install -e ".[timm]"' in str(info.value)
 
@@ -236,7 +237,7 @@ def test_timm_student_adapts_to_the_data(tmp_path):
 @needs_timm
 def test_unknown_timm_name_suggests_near_names():
     with pytest.raises(ConfigError) as info:
-        hub.timm_model((3, 32, 32), 10, name="vit_tiny")
+        hub.timm_model((3, 32, 32), 10, name="vit_tiny", pretrained=False)
     assert str(info.value).startswith("name=vit_tiny: not a timm model")
     assert "vit_tiny_patch16_224" in str(info.value)
 
@@ -267,12 +268,21 @@ def test_zoo_cli_table_reproduces_the_published_counts():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
         [sys.executable, "-m", "distillab.zoo", "data=cifar100", "--markdown"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][:6] == [
-        "model", "builder", "params", "MACs / sample", "published params", "difference"
+        "model",
+        "builder",
+        "params",
+        "MACs / sample",
+        "published params",
+        "difference",
     ]
     rows = _rows(result.stdout)
     assert {label.split(" (")[0] for label in rows} == set(ZOO)  # timm too, noted if not installed

@@ -154,9 +154,7 @@ def test_feature_hook_paths(name: str) -> None:
     assert set(expected) <= set(modules)
     seen: dict[str, tuple[int, ...]] = {}
     for path in expected:
-        modules[path].register_forward_hook(
-            lambda _m, _i, out, path=path: seen.__setitem__(path, tuple(out.shape[1:]))
-        )
+        modules[path].register_forward_hook(lambda _m, _i, out, path=path: seen.__setitem__(path, tuple(out.shape[1:])))
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     assert seen == expected
@@ -189,9 +187,14 @@ def test_resnet_shortcuts_are_projections_only_where_shape_changes() -> None:
 
 def test_wrn_shortcut_convs_and_dropout() -> None:
     model = wrn.wrn_16_1((3, 32, 32), 10)
-    assert [
-        b.shortcut is not None for s in ("layer1", "layer2", "layer3") for b in getattr(model, s)
-    ] == [False, False, True, False, True, False]
+    assert [b.shortcut is not None for s in ("layer1", "layer2", "layer3") for b in getattr(model, s)] == [
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
     wide = wrn.wrn_16_2((3, 32, 32), 10)
     assert wide.layer1[0].shortcut is not None and wide.layer1[1].shortcut is None
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())

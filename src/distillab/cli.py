@@ -23,10 +23,11 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from distillab import pipeline, results
+from distillab.conf import CONF_DIR
 from distillab.config import ConfigError, validate
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# This module is imported before any heavy package: a config error is reported before torch and
+# Lightning load (they take seconds), and ``run_job`` imports the pipeline only for a real job.
 # Hydra flags that print or inspect something instead of running a job
 _NO_CHECK = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
 
@@ -71,7 +72,10 @@ def explain(error: BaseException, overrides: list[str] | None = None) -> str:
         group = (error.missing_cfg_file or "").rsplit("/", 1)
         name = group[-1]
         group_name = group[0] if len(group) > 1 else "config"
-        hint = "; the Optuna sweeper comes with pip install -e \".[tune]\"" if name == "optuna" else ""
+        if group_name == "model":  # teacher= and student= name a model file
+            roles = [o.split("=", 1)[0].lstrip("+~") for o in overrides or [] if o.endswith(f"={name}")]
+            group_name = next((r for r in roles if r in ("teacher", "student")), "model")
+        hint = '; the Optuna sweeper comes with pip install -e ".[tune]"' if name == "optuna" else ""
         return f"{group_name}={name} is not an option; allowed: {', '.join(sorted(error.options))}{hint}"
     cause = error.__cause__ if isinstance(error, HydraException) and error.__cause__ else error
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
@@ -126,20 +130,35 @@ def run_job(cfg: DictConfig) -> float:
     the Optuna sweeper (optuna 2.10) stops the whole study when told NaN, while -inf is recorded
     as the worst trial and tuning goes on.
     """
+    from distillab import pipeline
+
     try:
         record = pipeline.run(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        remove_empty_run(Path(str(cfg.paths.output_dir)))
         sys.exit(2)
     except Exception as error:  # noqa: BLE001 - the run already recorded it in results.json
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = " ".join(str(error).split())
-        print(f"error: run failed: {type(error).__name__}: {message} "
-              "(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"error: run failed: {type(error).__name__}: {message} (HYDRA_FULL_ERROR=1 shows the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     value = objective(record)
     return float("-inf") if math.isnan(value) else value
+
+
+def remove_empty_run(folder: Path) -> None:
+    """Bad input found inside the job leaves no run behind: the folder goes when it holds nothing
+    but what Hydra itself wrote at the start (``.hydra/``, the log)."""
+    if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def objective(record: dict) -> float:
@@ -148,6 +167,8 @@ def objective(record: dict) -> float:
     NaN, never None, when there is none (a failed job of a sweep): None is no number at all.
     ``run_job`` hands a sweeper -inf instead: Optuna records it as the worst trial and goes on.
     """
+    from distillab import results
+
     value = (results.tuned_model(record).get("val") or {}).get("acc")
     return float(value) if value is not None else float("nan")
 
@@ -157,10 +178,15 @@ def check_command_line(argv: list[str] | None = None) -> None:
     if any(getattr(args, name, None) for name in _NO_CHECK):
         return
     config_name = args.config_name or "train"
+    # Hydra's own settings do not change what a job computes, except where its configs come from
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    search = [o.split("=", 1)[1].strip("[]") for o in args.overrides if o.lstrip("+").startswith("hydra.searchpath=")]
+    folders = [entry.strip() for entries in search for entry in entries.split(",") if entry.strip()]
     if args.config_dir:
         # Hydra's --config-dir adds a folder to the search path; conf/ stays the primary one
-        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+        folders.append(f"file://{Path(args.config_dir).resolve()}")
+    if folders:
+        overrides.append(f"hydra.searchpath=[{','.join(folders)}]")
     try:
         check(overrides, CONF_DIR, config_name)
     except ConfigError as error:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger
 
 log = logging.getLogger(__name__)
@@ -66,36 +66,43 @@ def sweep_group(sweep_dir: str | os.PathLike) -> str:
     return Path(sweep_dir).as_posix().replace("/", "-").strip("-.")
 
 
-def uses_wandb(cfg: DictConfig) -> bool:
-    return any(conf is not None and str(conf.get("_target_", "")).endswith("WandbLogger")
-               for conf in (cfg.get("logger") or {}).values())
+def uses_wandb(logger: DictConfig | None) -> bool:
+    """Whether the ``logger`` node has a wandb logger."""
+    return any(
+        conf is not None and str(conf.get("_target_", "")).endswith("WandbLogger") for conf in (logger or {}).values()
+    )
 
 
-def _role_kwargs(target: str, role: str, cfg: DictConfig, sweep_group: str | None) -> dict[str, Any]:
+def _role_kwargs(target: str, role: str, conf: DictConfig, sweep_group: str | None) -> dict[str, Any]:
     name = target.rsplit(".", 1)[-1]
     if name in ("CSVLogger", "TensorBoardLogger"):
         return {"version": role}
     if name == "WandbLogger":
-        kwargs: dict[str, Any] = {"job_type": role, "offline": wandb_offline(cfg.logger.wandb),
-                                  "tags": [*(cfg.logger.wandb.get("tags") or []), *override_tags(_job_overrides())]}
+        kwargs: dict[str, Any] = {
+            "job_type": role,
+            "offline": wandb_offline(conf),
+            "tags": [*(conf.get("tags") or []), *override_tags(_job_overrides())],
+        }
         if sweep_group:
             kwargs["group"] = sweep_group
         return kwargs
     return {}
 
 
-def build(cfg: DictConfig, role: str, sweep_group: str | None = None) -> list[Logger]:
-    """Instantiate every configured logger for ``role`` ('teacher', 'teacher-<name>' for a member of an
-    ensemble, or 'student')."""
+def build(
+    logger: DictConfig | None, role: str, hyperparams: dict[str, Any], sweep_group: str | None = None
+) -> list[Logger]:
+    """Instantiate every logger of the ``logger`` node for ``role`` ('teacher', 'teacher-<name>' for a
+    member of an ensemble, or 'student'), each recording ``hyperparams`` (the run's resolved config)."""
     loggers = []
-    for conf in (cfg.get("logger") or {}).values():
+    for conf in (logger or {}).values():
         if conf is None or "_target_" not in conf:
             continue
-        kwargs = _role_kwargs(str(conf._target_), role, cfg, sweep_group)
+        kwargs = _role_kwargs(str(conf._target_), role, conf, sweep_group)
         if kwargs.get("offline"):
             os.environ.setdefault("WANDB_SILENT", "true")
         logger = instantiate(conf, **kwargs)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hyperparams)
         loggers.append(logger)
     return loggers
 
@@ -118,29 +125,45 @@ def finish(loggers: list[Logger], summary: dict[str, Any] | None = None) -> None
             logger.save()
 
 
-def log_sweep_summary(cfg: DictConfig, sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]],
-                      plot: Path) -> Path:
+def log_sweep_summary(
+    conf: DictConfig, sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]], plot: Path
+) -> Path:
     """One more wandb run in the sweep's group (job type ``sweep-summary``) with the summary table
     and the accuracy plot, so the project page compares the sweep's settings without custom panels.
     Offline without an API key, like the jobs; returns the run's folder."""
     import wandb
 
-    conf = cfg.logger.wandb
     offline = wandb_offline(conf)
     if offline:
         os.environ.setdefault("WANDB_SILENT", "true")
     group = sweep_group(sweep_dir)
-    run = wandb.init(project=conf.get("project"), entity=conf.get("entity"), group=group, job_type="sweep-summary",
-                     name=f"{group}-summary"[-128:], dir=str(sweep_dir), mode="offline" if offline else "online",
-                     tags=["sweep-summary"], config={"sweep_dir": str(sweep_dir)})
-    table = wandb.Table(columns=columns, allow_mixed_types=True,
-                        data=[[_table_cell(row.get(column)) for column in columns] for row in rows])
+    run = wandb.init(
+        project=conf.get("project"),
+        entity=conf.get("entity"),
+        group=group,
+        job_type="sweep-summary",
+        name=f"{group}-summary"[-128:],
+        dir=str(sweep_dir),
+        mode="offline" if offline else "online",
+        tags=["sweep-summary"],
+        config={"sweep_dir": str(sweep_dir)},
+    )
+    table = wandb.Table(
+        columns=columns,
+        allow_mixed_types=True,
+        data=[[_table_cell(row.get(column)) for column in columns] for row in rows],
+    )
     run.log({"summary": table, plot.stem: wandb.Image(str(plot))})
     directory = Path(run.dir).parent
     run.finish()
     if offline:
-        log.info("wandb: sweep summary logged offline to %s; upload the sweep with "
-                 "`wandb sync %s/wandb/offline-run-* %s/*/wandb/offline-run-*`", directory, sweep_dir, sweep_dir)
+        log.info(
+            "wandb: sweep summary logged offline to %s; upload the sweep with "
+            "`wandb sync %s/wandb/offline-run-* %s/*/wandb/offline-run-*`",
+            directory,
+            sweep_dir,
+            sweep_dir,
+        )
     return directory
 
 

@@ -4,6 +4,7 @@ multiply-accumulates and CPU latency."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import statistics
 import time
@@ -12,6 +13,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from distillab.settings import Count, NonNegativeCount
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+    """``measure``: CPU latency is the median of ``repeats`` timed forward passes after ``warmup``
+    untimed ones, on ``threads`` threads (null: torch's default)."""
+
+    threads: Count | None
+    warmup: NonNegativeCount
+    repeats: Count
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:

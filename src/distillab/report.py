@@ -47,10 +47,29 @@ X_AXES: dict[str, tuple[tuple[str, ...], str]] = {
     "latency_ms": (("latency_ms", "batch_64"), "latency per batch of 64 (ms)"),
 }
 COLUMNS = [
-    "role", "group", "setting", "method", "compress", "evaluated", "student_arch", "teacher_arch",
-    "teacher_key", "n_seeds", "seeds", "acc_mean", "acc_std", "f1_mean", "f1_std",
-    "val_acc_mean", "params_mean", "size_bytes_mean", "macs_mean", "latency_ms_mean",
-    "agreement_mean", "acc_retention_mean", "pareto",
+    "role",
+    "group",
+    "setting",
+    "method",
+    "compress",
+    "evaluated",
+    "student_arch",
+    "teacher_arch",
+    "teacher_key",
+    "n_seeds",
+    "seeds",
+    "acc_mean",
+    "acc_std",
+    "f1_mean",
+    "f1_std",
+    "val_acc_mean",
+    "params_mean",
+    "size_bytes_mean",
+    "macs_mean",
+    "latency_ms_mean",
+    "agreement_mean",
+    "acc_retention_mean",
+    "pareto",
 ]
 MARKERS = "osD^vPX<>ph"
 
@@ -94,10 +113,8 @@ def _read_job(job: str, path: Path) -> dict[str, Any]:
     return _record(job, status, path, results=results, error=error)
 
 
-def _record(job: str, status: str, path: Path, results: dict | None = None,
-            error: str | None = None) -> dict[str, Any]:
-    return {"job": job, "status": status, "path": str(path), "error": error,
-            "results": results or {}}
+def _record(job: str, status: str, path: Path, results: dict | None = None, error: str | None = None) -> dict[str, Any]:
+    return {"job": job, "status": status, "path": str(path), "error": error, "results": results or {}}
 
 
 def _natural_key(text: str) -> list:
@@ -184,9 +201,16 @@ def _teacher_rows(ok: list[dict]) -> list[dict[str, Any]]:
         runs, blocks = [results for results, _ in pairs], [block for _, block in pairs]
         arch = _distinct(block.get("arch") for block in blocks)
         row = dict.fromkeys(COLUMNS)
-        row.update(role="teacher", group=f"teacher {arch} [{key[:8]}]", method="teacher",
-                   evaluated="teacher", teacher_arch=arch, teacher_key=key, pareto=False,
-                   **_stats(runs, blocks))
+        row.update(
+            role="teacher",
+            group=f"teacher {arch} [{key[:8]}]",
+            method="teacher",
+            evaluated="teacher",
+            teacher_arch=arch,
+            teacher_key=key,
+            pareto=False,
+            **_stats(runs, blocks),
+        )
         rows.append(row)
     return sorted(rows, key=lambda row: row["group"])
 
@@ -197,8 +221,10 @@ def _stats(runs: list[dict], models: list[dict]) -> dict[str, Any]:
     stats = {
         "n_seeds": len(runs),
         "seeds": sorted({r["seed"] for r in runs if isinstance(r.get("seed"), (int, float))}),
-        "acc_mean": _mean(acc), "acc_std": _std(acc),
-        "f1_mean": _mean(f1), "f1_std": _std(f1),
+        "acc_mean": _mean(acc),
+        "acc_std": _std(acc),
+        "f1_mean": _mean(f1),
+        "f1_std": _std(f1),
         "val_acc_mean": _mean(_dig(model, "val", "acc") for model in models),
         "agreement_mean": _mean(_dig(model, "test", "agreement") for model in models),
     }
@@ -229,8 +255,7 @@ def _dig(mapping: Any, *keys: str) -> Any:
 
 def _numbers(values: Iterable[Any]) -> list[float]:
     """Missing or non-numeric values are left out, so one odd job cannot hide a whole row."""
-    return [float(v) for v in values
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -269,24 +294,29 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def markdown_text(records: list[dict[str, Any]], rows: list[dict[str, Any]], x: str,
-                  title: str) -> str:
+def markdown_text(records: list[dict[str, Any]], rows: list[dict[str, Any]], x: str, title: str) -> str:
     students = [row for row in rows if row["role"] == "student"]
     teachers = [row for row in rows if row["role"] == "teacher"]
     lines = [f"# Sweep report: {title}", "", _counts(records), ""]
     lines += ["## Students", ""]
     if students:
-        lines += [f"Test metrics of the evaluated model (compressed when present, else the "
-                  f"student), over seeds. Pareto: no other row has {x} as low and accuracy as "
-                  f"high, and one of them strictly better.", ""]
+        lines += [
+            f"Test metrics of the evaluated model (compressed when present, else the "
+            f"student), over seeds. Pareto: no other row has {x} as low and accuracy as "
+            f"high, and one of them strictly better.",
+            "",
+        ]
         shared = shared_overrides([row["group"] for row in students])
         if shared:
             lines += ["Overrides shared by every configuration: " + " ".join(f"`{o}`" for o in shared), ""]
         lines += _student_table(students)
         if any("prune_unstructured" in str(row["compress"]) for row in students):
-            lines += ["", "Unstructured pruning zeroes weights but keeps every tensor dense: parameters and "
-                      "nonzero counts differ, and the dense latency does not change (the sparse size is in "
-                      "each job's `compressed.details`)."]
+            lines += [
+                "",
+                "Unstructured pruning zeroes weights but keeps every tensor dense: parameters and "
+                "nonzero counts differ, and the dense latency does not change (the sparse size is in "
+                "each job's `compressed.details`).",
+            ]
     else:
         lines.append("No completed jobs yet: nothing to summarize.")
     if teachers:
@@ -302,24 +332,58 @@ def _counts(records: list[dict]) -> str:
 
 
 def _student_table(rows: list[dict]) -> list[str]:
-    header = ["Pareto", "setting", "method", "compress", "arch", "n seeds", "acc (mean ± std)",
-              "f1 (mean ± std)", "val acc", "params", "size (bytes)", "MACs",
-              "latency b64 (ms)", "agreement", "acc retention"]
-    body = [["**yes**" if row["pareto"] else "", row["setting"], row["method"], row["compress"],
-             row["student_arch"], row["n_seeds"], _pm(row["acc_mean"], row["acc_std"]),
-             _pm(row["f1_mean"], row["f1_std"]), _num(row["val_acc_mean"], ".4f"),
-             _num(row["params_mean"], ",.0f"), _num(row["size_bytes_mean"], ",.0f"),
-             _num(row["macs_mean"], ",.0f"), _num(row["latency_ms_mean"], ".3f"),
-             _num(row["agreement_mean"], ".4f"), _num(row["acc_retention_mean"], ".4f")]
-            for row in rows]
+    header = [
+        "Pareto",
+        "setting",
+        "method",
+        "compress",
+        "arch",
+        "n seeds",
+        "acc (mean ± std)",
+        "f1 (mean ± std)",
+        "val acc",
+        "params",
+        "size (bytes)",
+        "MACs",
+        "latency b64 (ms)",
+        "agreement",
+        "acc retention",
+    ]
+    body = [
+        [
+            "**yes**" if row["pareto"] else "",
+            row["setting"],
+            row["method"],
+            row["compress"],
+            row["student_arch"],
+            row["n_seeds"],
+            _pm(row["acc_mean"], row["acc_std"]),
+            _pm(row["f1_mean"], row["f1_std"]),
+            _num(row["val_acc_mean"], ".4f"),
+            _num(row["params_mean"], ",.0f"),
+            _num(row["size_bytes_mean"], ",.0f"),
+            _num(row["macs_mean"], ",.0f"),
+            _num(row["latency_ms_mean"], ".3f"),
+            _num(row["agreement_mean"], ".4f"),
+            _num(row["acc_retention_mean"], ".4f"),
+        ]
+        for row in rows
+    ]
     return _table(header, body)
 
 
 def _teacher_table(rows: list[dict]) -> list[str]:
     header = ["teacher", "cache key", "n jobs", "params", "test acc (mean ± std)"]
-    body = [[row["teacher_arch"], row["teacher_key"], row["n_seeds"],
-             _num(row["params_mean"], ",.0f"), _pm(row["acc_mean"], row["acc_std"])]
-            for row in rows]
+    body = [
+        [
+            row["teacher_arch"],
+            row["teacher_key"],
+            row["n_seeds"],
+            _num(row["params_mean"], ",.0f"),
+            _pm(row["acc_mean"], row["acc_std"]),
+        ]
+        for row in rows
+    ]
     return _table(header, body)
 
 
@@ -354,8 +418,11 @@ def job_overrides(record: dict[str, Any]) -> list[str]:
 
 def problem_summary(records: list[dict[str, Any]]) -> list[str]:
     """One plain line per job that is not ok: folder, status, overrides and error."""
-    return [f"job {r['job']} {r['status']} ({' '.join(job_overrides(r)) or 'no overrides'}): {r['error']}"
-            for r in records if r["status"] != "ok"]
+    return [
+        f"job {r['job']} {r['status']} ({' '.join(job_overrides(r)) or 'no overrides'}): {r['error']}"
+        for r in records
+        if r["status"] != "ok"
+    ]
 
 
 def _table(header: list[str], body: list[list[Any]]) -> list[str]:
@@ -391,8 +458,9 @@ def accuracy_figure(rows: list[dict[str, Any]], x: str = "params", title: str = 
     ax.set_xlabel(X_AXES[x][1])
     ax.set_ylabel("test accuracy (fraction of samples)")
     key = f"{x}_mean"
-    students = [row for row in rows if row["role"] == "student"
-                and row[key] is not None and row["acc_mean"] is not None]
+    students = [
+        row for row in rows if row["role"] == "student" and row[key] is not None and row["acc_mean"] is not None
+    ]
     if not students:
         note = "no completed jobs" + (f" with {x}" if rows else "")
         ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center")
@@ -416,17 +484,35 @@ def _series(row: dict) -> str:
 def _plot_methods(ax: Any, rows: list[dict], key: str) -> None:
     for i, series in enumerate(sorted({_series(row) for row in rows})):
         mine = [row for row in rows if _series(row) == series]
-        ax.errorbar([row[key] for row in mine], [row["acc_mean"] for row in mine],
-                    yerr=[row["acc_std"] or 0.0 for row in mine], fmt=MARKERS[i % len(MARKERS)],
-                    color=f"C{i % 10}", capsize=3, markersize=7, label=series)
+        ax.errorbar(
+            [row[key] for row in mine],
+            [row["acc_mean"] for row in mine],
+            yerr=[row["acc_std"] or 0.0 for row in mine],
+            fmt=MARKERS[i % len(MARKERS)],
+            color=f"C{i % 10}",
+            capsize=3,
+            markersize=7,
+            label=series,
+        )
 
 
 def _plot_front(ax: Any, rows: list[dict], key: str) -> None:
     front = sorted((row[key], row["acc_mean"]) for row in rows if row["pareto"])
     if front:
         xs, ys = zip(*front, strict=True)
-        ax.step(xs, ys, where="post", color="0.35", linestyle="--", linewidth=1, zorder=1,
-                marker="o", markersize=14, markerfacecolor="none", label="Pareto front")
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            color="0.35",
+            linestyle="--",
+            linewidth=1,
+            zorder=1,
+            marker="o",
+            markersize=14,
+            markerfacecolor="none",
+            label="Pareto front",
+        )
 
 
 def _plot_teachers(ax: Any, rows: list[dict], key: str) -> None:
@@ -436,13 +522,19 @@ def _plot_teachers(ax: Any, rows: list[dict], key: str) -> None:
         if acc is None:
             continue
         label = f"teacher {row['teacher_arch']} (acc {acc:.4f})"
-        style = dict(marker="*", markersize=16, color="gold", markeredgecolor="black",
-                     linestyle="none", zorder=5, label=label)
+        style = dict(
+            marker="*", markersize=16, color="gold", markeredgecolor="black", linestyle="none", zorder=5, label=label
+        )
         if row[key] is not None:
             ax.plot([row[key]], [acc], **style)
-            ax.annotate(f"teacher {row['teacher_arch']}", (row[key], acc),
-                        textcoords="offset points", xytext=(-10, 6), ha="right",
-                        fontsize="small")
+            ax.annotate(
+                f"teacher {row['teacher_arch']}",
+                (row[key], acc),
+                textcoords="offset points",
+                xytext=(-10, 6),
+                ha="right",
+                fontsize="small",
+            )
         else:
             ax.axhline(acc, color="goldenrod", linestyle=":", linewidth=1)
             ax.plot([0.97], [acc], transform=ax.get_yaxis_transform(), clip_on=False, **style)
@@ -514,9 +606,13 @@ def _trial(root: Path, record: dict[str, Any], names: list[str]) -> dict[str, An
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     model = tuned_model(record["results"])  # the model cli.objective scored
     return {
-        "trial": record["job"], "job_dir": str((root / record["job"]).resolve()), "status": record["status"],
-        "params": {name: _scalar(values.get(name)) for name in names}, "overrides": overrides,
-        "val_acc": _finite(_dig(model, "val", "acc")), "test_acc": _finite(_dig(model, "test", "acc")),
+        "trial": record["job"],
+        "job_dir": str((root / record["job"]).resolve()),
+        "status": record["status"],
+        "params": {name: _scalar(values.get(name)) for name in names},
+        "overrides": overrides,
+        "val_acc": _finite(_dig(model, "val", "acc")),
+        "test_acc": _finite(_dig(model, "test", "acc")),
     }
 
 
@@ -542,20 +638,33 @@ def tuning_markdown(tuned: dict[str, Any] | None) -> str:
     if tuned is None:
         return ""
     best = tuned["best"]
-    lines = ["", "## Tuning trials", "",
-             f"Optuna proposed the settings of each trial to {tuned['direction']} the student's validation "
-             "accuracy. Test accuracy is reported only, never used to choose."]
+    lines = [
+        "",
+        "## Tuning trials",
+        "",
+        f"Optuna proposed the settings of each trial to {tuned['direction']} the student's validation "
+        "accuracy. Test accuracy is reported only, never used to choose.",
+    ]
     if best is None:
         lines += ["", "No trial finished ok: there is no best trial yet."]
     else:
         settings = " ".join(f"`{name}={best['params'][name]}`" for name in tuned["params"])
-        lines += ["", f"Best: trial {best['trial']} (val acc {best['val_acc']:.4f}): {settings}; "
-                      f"in `{BEST_TRIAL_FILE}`."]
+        lines += [
+            "",
+            f"Best: trial {best['trial']} (val acc {best['val_acc']:.4f}): {settings}; in `{BEST_TRIAL_FILE}`.",
+        ]
     header = ["best", "trial", *tuned["params"], "status", "val acc (objective)", "test acc (not used)"]
-    body = [["**best**" if trial is best else "", trial["trial"],
-             *(_param_text(trial["params"][name]) for name in tuned["params"]), trial["status"],
-             _num(trial["val_acc"], ".4f"), _num(trial["test_acc"], ".4f")]
-            for trial in tuned["trials"]]
+    body = [
+        [
+            "**best**" if trial is best else "",
+            trial["trial"],
+            *(_param_text(trial["params"][name]) for name in tuned["params"]),
+            trial["status"],
+            _num(trial["val_acc"], ".4f"),
+            _num(trial["test_acc"], ".4f"),
+        ]
+        for trial in tuned["trials"]
+    ]
     return "\n".join(lines + [""] + _table(header, body)) + "\n"
 
 
@@ -574,14 +683,20 @@ def write_best_trial(sweep_dir: Path, tuned: dict[str, Any]) -> Path | None:
         return None
     single = [o for o in best["overrides"] if not o.lstrip("+~").startswith("sweep=")]
     content = {
-        "trial": _scalar(best["trial"]), "job_dir": best["job_dir"],
-        "objective": "student val acc", "direction": tuned["direction"],
-        "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-        "params": best["params"], "overrides": best["overrides"],
+        "trial": _scalar(best["trial"]),
+        "job_dir": best["job_dir"],
+        "objective": "student val acc",
+        "direction": tuned["direction"],
+        "val_acc": best["val_acc"],
+        "test_acc": best["test_acc"],
+        "params": best["params"],
+        "overrides": best["overrides"],
         "command": " ".join(["python train.py", *single]),
     }
-    header = ("# The tuning trial with the best student validation accuracy (the objective).\n"
-              "# test_acc is reported only: it never took part in the choice.\n")
+    header = (
+        "# The tuning trial with the best student validation accuracy (the objective).\n"
+        "# test_acc is reported only: it never took part in the choice.\n"
+    )
     path = atomic_write_text(sweep_dir / BEST_TRIAL_FILE, header + OmegaConf.to_yaml(content))
     settings = " ".join(f"{name}={best['params'][name]}" for name in tuned["params"])
     log.info("best trial %s: val acc %.4f: %s (%s)", best["trial"], best["val_acc"], settings, path)
@@ -606,8 +721,9 @@ def write_report(sweep_dir: str | os.PathLike, x: str = "params") -> dict[str, P
     paths = {
         "csv": atomic_write_text(root / "summary.csv", csv_text(rows)),
         "markdown": atomic_write_text(root / "summary.md", markdown),
-        "plot": atomic_save(root / f"accuracy_vs_{x}.png",
-                            lambda handle: figure.savefig(handle, format="png", dpi=120)),
+        "plot": atomic_save(
+            root / f"accuracy_vs_{x}.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
+        ),
     }
     best = write_best_trial(root, tuned) if tuned else None
     return paths | ({"best_trial": best} if best else {})
@@ -615,11 +731,15 @@ def write_report(sweep_dir: str | os.PathLike, x: str = "params") -> dict[str, P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m distillab.report",
-        description="Summarize the results.json files of a Hydra multirun sweep.")
+        prog="python -m distillab.report", description="Summarize the results.json files of a Hydra multirun sweep."
+    )
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder (hydra.sweep.dir)")
-    parser.add_argument("--x", choices=list(X_AXES), default="params",
-                        help="cost on the x axis and for the Pareto front (default: params)")
+    parser.add_argument(
+        "--x",
+        choices=list(X_AXES),
+        default="params",
+        help="cost on the x axis and for the Pareto front (default: params)",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: no such sweep folder: {args.sweep_dir}", file=sys.stderr)
@@ -663,8 +783,11 @@ def _log_problems(sweep_dir: Path) -> None:
         return
     problems = problem_summary(records)
     if problems:
-        log.warning("sweep report: %d of %d jobs did not finish ok; re-run the same command to run them again",
-                    len(problems), len(records))
+        log.warning(
+            "sweep report: %d of %d jobs did not finish ok; re-run the same command to run them again",
+            len(problems),
+            len(records),
+        )
     for line in problems:
         log.warning("  %s", line)
 
@@ -675,8 +798,8 @@ def log_summary_run(config: DictConfig, sweep_dir: Path, plot: Path, x: str = "p
     from distillab import loggers  # imports Lightning: only when a sweep ends
 
     try:
-        if loggers.uses_wandb(config):
-            loggers.log_sweep_summary(config, sweep_dir, COLUMNS, summarize(collect(sweep_dir), x), plot)
+        if loggers.uses_wandb(config.get("logger")):
+            loggers.log_sweep_summary(config.logger.wandb, sweep_dir, COLUMNS, summarize(collect(sweep_dir), x), plot)
     except Exception as exc:  # logged, never raised
         log.error("wandb sweep summary failed: %s: %s", type(exc).__name__, _one_line(str(exc)))
 

@@ -1,6 +1,6 @@
 """``results.json``: one flat, stable record per run, written atomically.
 
-Schema (accuracies are fractions in [0, 1]; see the README for every field):
+Schema (accuracies are fractions in [0, 1]; docs/results.md describes every field):
     status, error?, config_hash, group, overrides, seed, dataset, method, compress,
     teacher {arch, params, cache, cache_key, test {acc, f1, precision, recall}},
     student {arch, params, nonzero_params, size_bytes, macs, latency_ms {batch_1, batch_64},
@@ -25,8 +25,18 @@ from distillab.io import atomic_write_json
 
 FILENAME = "results.json"
 SCHEMA_VERSION = 1
-REQUIRED_OK = ("config_hash", "group", "overrides", "seed", "dataset", "method", "compress",
-               "teacher", "timing_s", "env")
+REQUIRED_OK = (
+    "config_hash",
+    "group",
+    "overrides",
+    "seed",
+    "dataset",
+    "method",
+    "compress",
+    "teacher",
+    "timing_s",
+    "env",
+)
 # settings that change where and how a run is shown, not what it computes; `rerun` only says
 # whether a finished job is run again, so a forced rerun still matches the result it replaces
 NOT_HASHED = ("paths", "logger", "callbacks", "rerun")
@@ -112,11 +122,11 @@ def read(folder_or_file: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def previous(folder: str | Path, cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]:
-    """What an earlier attempt of the job ``cfg`` left in ``folder``.
+def previous(folder: str | Path, current: str) -> tuple[dict[str, Any] | None, str | None]:
+    """What an earlier attempt of the job whose config hash is ``current`` left in ``folder``.
 
-    ``(record, None)`` when its results.json is complete for ``cfg``: it parses, passes ``check``,
-    has status ok and the config hash of ``cfg``. ``(None, why)`` when there is one but it is not
+    ``(record, None)`` when its results.json is complete for that job: it parses, passes ``check``,
+    has status ok and the config hash ``current``. ``(None, why)`` when there is one but it is not
     (a failure, a corrupt file, another configuration's result), ``(None, None)`` when there is none.
     """
     path = Path(folder) / FILENAME
@@ -134,13 +144,239 @@ def previous(folder: str | Path, cfg: DictConfig) -> tuple[dict[str, Any] | None
         check(record)
     except (ValueError, TypeError, AttributeError, KeyError) as error:
         return None, f"its {FILENAME} is incomplete: {error}"
-    stored, current = record.get("config_hash"), config_hash(cfg)
+    stored = record.get("config_hash")
     if stored != current:
-        return None, (f"its {FILENAME} is the result of another configuration (config {stored}, this job's is "
-                      f"{current}): the folder was reused")
+        return None, (
+            f"its {FILENAME} is the result of another configuration (config {stored}, this job's is "
+            f"{current}): the folder was reused"
+        )
     return record, None
 
 
-def completed(folder: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """The record in ``folder`` when it is a complete result of ``cfg`` (see ``previous``), else None."""
-    return previous(folder, cfg)[0]
+def completed(folder: str | Path, current: str) -> dict[str, Any] | None:
+    """The record in ``folder`` when it is a complete result of the config hash ``current``
+    (see ``previous``), else None."""
+    return previous(folder, current)[0]
+
+
+# -- assembling a run's record ---------------------------------------------------------------------
+# Evaluation and measurement need torch; the report and the command line read results without it.
+def header(
+    config: DictConfig, overrides: list[str], seed: int, dataset: str, data: Any, method: str, compress: str
+) -> dict[str, Any]:
+    """The top of results.json: what ran (the composed ``config``, its ``overrides``), with which data."""
+    labelled = (
+        {"labelled_fraction": data.labelled_fraction, "labelled_samples": int(data.labelled_mask().sum())}
+        if hasattr(data, "labelled_mask")
+        else {"labelled_fraction": 1.0, "labelled_samples": None}
+    )
+    return {
+        "status": "ok",
+        "config_hash": config_hash(config),
+        "group": group_of(overrides),
+        "overrides": overrides,
+        "seed": seed,
+        "dataset": dataset,
+        **labelled,
+        "method": method,
+        "compress": compress,
+    }
+
+
+def assemble(
+    header: dict[str, Any],
+    teacher: Any,
+    student: Any,
+    student_arch: str,
+    best_epoch: int | None,
+    compressed: Any,
+    data: Any,
+    info: Any,
+    how: dict[str, Any],
+    outputs: str,
+    root_dir: Path,
+) -> dict[str, Any]:
+    """A run's record: ``header`` (what ran), then every model evaluated on the test split, once, for
+    its chosen checkpoint, and measured (``how``: the measure settings). ``teacher`` is a
+    ``teacher.cache.Teacher``, ``compressed`` a ``compress.stage.CompressedRun`` or None, ``info``
+    the data's ``DataInfo``; ``outputs`` says how the student got the teacher's logits."""
+    shape, classes = info.input_shape, info.num_classes
+    data.setup("test")
+    teacher_part, teacher_preds = teacher_block(teacher, data.test_dataloader(), classes, shape, how, outputs)
+    record = {**header, "teacher": teacher_part}
+    if teacher.members:
+        record["teachers"] = [teacher_block(m, data.test_dataloader(), classes, shape, how)[0] for m in teacher.members]
+    if student is not None:
+        block = model_block(student, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how)
+        record["student"] = {"arch": student_arch, **block, "best_epoch": best_epoch}
+        record["ratios"] = ratios(record["student"], teacher_part)
+    if compressed is not None:
+        block = model_block(
+            compressed.result.model, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how
+        )
+        base = record.get(compressed.role) or teacher_part
+        record["compressed"] = compressed_block(compressed, base, teacher_part, block, shape)
+    record["env"] = environment(root_dir, str(device_of(teacher.model)))
+    return record
+
+
+def model_block(
+    model: Any,
+    test: Any,
+    val: Any,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    teacher_preds: Any,
+    how: dict[str, Any],
+) -> dict[str, Any]:
+    """Measurements and test/val metrics of one model (the ``test`` and ``val`` loaders); quantized
+    models run on the CPU. ``agreement`` is against ``teacher_preds``."""
+    from distillab import measure
+    from distillab.evaluate import agreement, classification_metrics, predict
+
+    device = device_of(model)
+    preds, targets = predict(model, test, device)
+    val_preds, val_targets = predict(model, val, device)
+    metrics = classification_metrics(preds, targets, num_classes)
+    metrics["agreement"] = agreement(preds, teacher_preds)
+    return {
+        **measure.profile(model, input_shape, **how),
+        "test": metrics,
+        "val": {"acc": classification_metrics(val_preds, val_targets, num_classes)["acc"]},
+    }
+
+
+def teacher_block(
+    teacher: Any,
+    test: Any,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    how: dict[str, Any],
+    outputs: str | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """The teacher's block (architecture, cache entry, size, test metrics) and its test predictions;
+    ``outputs``: how the student got its logits (cached, live, none), absent for an ensemble member."""
+    from distillab import measure
+    from distillab.evaluate import classification_metrics, predict
+
+    preds, targets = predict(teacher.model, test, device_of(teacher.model))
+    block = {
+        "arch": teacher.arch,
+        **measure.profile(teacher.model, input_shape, **how),
+        "cache": teacher.cache,
+        "cache_key": teacher.key,
+        **({"outputs": outputs} if outputs is not None else {}),
+        "test": classification_metrics(preds, targets, num_classes),
+    }
+    return block, preds
+
+
+def compressed_block(
+    compressed: Any,
+    uncompressed_block: dict[str, Any],
+    teacher: dict[str, Any],
+    block: dict[str, Any],
+    input_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """The compressed model's ``block`` (from ``model_block``) with what compression did: the saved
+    artifact's bytes, its method and backend, and its ratios to the uncompressed model and the teacher."""
+    from distillab import measure
+
+    block["size_bytes"] = compressed.artifact.stat().st_size  # the saved artifact
+    if not block["macs"]:  # int8 kernels are invisible to the FLOP counter: same MACs in int8
+        block["macs"] = measure.macs(compressed.float_model, input_shape)
+    return {
+        "arch": compressed.arch,
+        "of": compressed.role,
+        "method": compressed.result.method,
+        "backend": compressed.result.backend,
+        **block,
+        "details": compressed.result.details,
+        "vs_uncompressed": ratios(block, uncompressed_block),
+        "vs_teacher": ratios(block, teacher),
+    }
+
+
+def device_of(model: Any) -> Any:
+    """Where the model's parameters are; int8 models hold none and run on the CPU."""
+    import torch
+
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def ratios(block: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """``block`` relative to ``reference``: parameters, bytes, batch-64 latency, accuracy kept."""
+    return {
+        "params": block["params"] / max(reference["params"], 1),
+        "size": block["size_bytes"] / max(reference["size_bytes"], 1),
+        "latency_batch_64": block["latency_ms"]["batch_64"] / max(reference["latency_ms"]["batch_64"], 1e-9),
+        "acc_retention": block["test"]["acc"] / max(reference["test"]["acc"], 1e-12),
+    }
+
+
+def failure(error: BaseException, overrides: list[str], seed: Any) -> dict[str, Any]:
+    """The record of a run that failed: one line saying why."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {message}"[:500],
+        "group": group_of(overrides),
+        "overrides": overrides,
+        "seed": int(seed) if isinstance(seed, int) else seed,
+    }
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    """Teacher, student and compressed model side by side; ratios are against the teacher."""
+    teacher = record["teacher"]
+    columns = [("teacher", teacher, None)]
+    if "student" in record:
+        columns.append(("student", record["student"], record["ratios"]))
+    if "compressed" in record:
+        block = record["compressed"]
+        columns.append((f"{block['method']}", block, block["vs_teacher"]))
+
+    def cell(block: dict, ratio: dict | None, key: str) -> str:
+        if key == "head":
+            return f"({block['arch']})"
+        if key in ("acc", "f1"):
+            return f"{block['test'][key]:.4f}"
+        if key in ("params", "size_bytes"):
+            return f"{block[key]:,}"
+        if ratio is None:
+            return ""
+        if key == "smaller":
+            return f"{1 / ratio['params']:.1f}x smaller"
+        if key == "retention":
+            return f"{100 * ratio['acc_retention']:.1f} %"
+        return f"{100 * block['test']['agreement']:.1f} %"
+
+    labels = [
+        ("head", ""),
+        ("acc", "test accuracy"),
+        ("f1", "test macro F1"),
+        ("params", "parameters"),
+        ("size_bytes", "size (bytes)"),
+        ("smaller", "compression (params)"),
+        ("retention", "accuracy retention"),
+        ("agreement", "agreement with teacher"),
+    ]
+    rows = [["", *(name for name, _, _ in columns)]]
+    rows += [[label or "", *(cell(block, ratio, key) for _, block, ratio in columns)] for key, label in labels]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    )
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"student/test/acc": ...}``: a record's scalars by path, for a logger's run summary."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat

@@ -18,7 +18,6 @@ from typing import Any
 from omegaconf import DictConfig
 
 from distillab import results
-from distillab.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +27,12 @@ ATTEMPT_OUTPUTS = ("checkpoints", "compressed")
 FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")
 
 
-def start(cfg: DictConfig, out: Path, sweep: bool) -> dict[str, Any] | None:
-    """The stored record when the job ``cfg`` in ``out`` is already complete and may be skipped
-    (in a sweep, without ``rerun``); otherwise None, after clearing an earlier attempt's files."""
-    force = cfg.get("rerun", False)
-    if not isinstance(force, bool):
-        raise ConfigError(f"rerun={force!r} is not allowed: true (run finished jobs again) or false")
-    record, why = results.previous(out, cfg)
+def start(out: Path, config_hash: str, rerun: bool, logger: DictConfig | None, sweep: bool) -> dict[str, Any] | None:
+    """The stored record when the job of ``config_hash`` in ``out`` is already complete and may be
+    skipped (in a sweep, without ``rerun``); otherwise None, after clearing an earlier attempt's
+    files (those of the ``logger`` node's file loggers too)."""
+    force = rerun
+    record, why = results.previous(out, config_hash)
     if record is not None and sweep and not force:
         log.info("skip: %s already complete (config %s); rerun=true runs it again", out, record["config_hash"])
         return record
@@ -43,16 +41,16 @@ def start(cfg: DictConfig, out: Path, sweep: bool) -> dict[str, Any] | None:
     if why:
         log.info("rerun: %s: %s", out, why)
     if _is_rank_zero():
-        cleared = clear_attempt(cfg, out)
+        cleared = clear_attempt(logger, out)
         if cleared:
             log.info("cleared what an earlier attempt left in %s: %s", out, ", ".join(cleared))
     return None
 
 
-def clear_attempt(cfg: DictConfig, out: Path) -> list[str]:
+def clear_attempt(logger: DictConfig | None, out: Path) -> list[str]:
     """Remove an earlier attempt's outputs from ``out``; return the names removed. Hydra's own
     files (``.hydra/``, the job log) stay, and nothing outside ``out`` is touched."""
-    names = [results.FILENAME, *ATTEMPT_OUTPUTS, *_logger_folders(cfg, out)]
+    names = [results.FILENAME, *ATTEMPT_OUTPUTS, *_logger_folders(logger, out)]
     removed = []
     for name in dict.fromkeys(names):
         path = out / name
@@ -66,10 +64,10 @@ def clear_attempt(cfg: DictConfig, out: Path) -> list[str]:
     return removed
 
 
-def _logger_folders(cfg: DictConfig, out: Path) -> list[str]:
+def _logger_folders(logger: DictConfig | None, out: Path) -> list[str]:
     """The folders of file loggers that write into ``out`` itself (e.g. ``csv``, ``tensorboard``)."""
     folders = []
-    for conf in (cfg.get("logger") or {}).values():
+    for conf in (logger or {}).values():
         if conf is None or not str(conf.get("_target_", "")).endswith(FOLDER_LOGGERS):
             continue
         name, save_dir = conf.get("name"), conf.get("save_dir")

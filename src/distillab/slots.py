@@ -76,8 +76,9 @@ def slot_devices(slot: int, gpus: int, per_job: int) -> list[int]:
     """Indexes (among the visible GPUs) of slot ``slot``: consecutive, so a job's GPUs are
     neighbours (on most machines the pairs that share a switch or NVLink)."""
     if not 0 <= slot < slot_count(gpus, per_job):
-        raise ValueError(f"slot {slot} does not exist: {gpus} GPUs with {per_job} per job give "
-                         f"{slot_count(gpus, per_job)} slots")
+        raise ValueError(
+            f"slot {slot} does not exist: {gpus} GPUs with {per_job} per job give {slot_count(gpus, per_job)} slots"
+        )
     return list(range(slot * per_job, (slot + 1) * per_job))
 
 
@@ -109,8 +110,9 @@ def visible_ids(cuda_visible_devices: str | None, gpus: int) -> list[str]:
 
 
 # -- claiming a slot --------------------------------------------------------------------------
-def claim(lock_dir: Path, slots: int, wait_s: float = CLAIM_WAIT_S, poll_s: float = CLAIM_POLL_S
-          ) -> tuple[int, FileLock]:
+def claim(
+    lock_dir: Path, slots: int, wait_s: float = CLAIM_WAIT_S, poll_s: float = CLAIM_POLL_S
+) -> tuple[int, FileLock]:
     """The first free of ``slots`` slots and its held lock: a non-blocking try of each slot's
     lock, repeated every ``poll_s`` seconds for up to ``wait_s`` while all are taken."""
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +127,10 @@ def claim(lock_dir: Path, slots: int, wait_s: float = CLAIM_WAIT_S, poll_s: floa
                 continue
             return slot, lock
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"all {slots} GPU slots in {lock_dir} stayed taken for {wait_s:g} s; "
-                               "is another sweep using the same hydra.sweep.dir?")
+            raise RuntimeError(
+                f"all {slots} GPU slots in {lock_dir} stayed taken for {wait_s:g} s; "
+                "is another sweep using the same hydra.sweep.dir?"
+            )
         if not waiting:
             log.info("all %d GPU slots in %s are taken; waiting for one", slots, lock_dir)
             waiting = True
@@ -183,13 +187,15 @@ def pin_gpus(lock_dir: Path, gpus: int, per_job: int, jobs: int, n_jobs: int) ->
     if jobs > slots:
         raise ConfigError(
             f"hydra.launcher.n_jobs={n_jobs} is not allowed: it runs {jobs} jobs at once but {gpus} GPU(s) "
-            f"with trainer.devices={per_job} give {slots} GPU slot(s); use hydra.launcher.n_jobs={slots} or fewer")
+            f"with trainer.devices={per_job} give {slots} GPU slot(s); use hydra.launcher.n_jobs={slots} or fewer"
+        )
     if _claim is not None:
         if torch.cuda.is_initialized():
             raise ConfigError(
                 f"trainer.devices={per_job} is not allowed: this worker process already runs CUDA on GPUs "
                 f"{','.join(_claim.devices)} (trainer.devices={_claim.per_job}), which it cannot leave; keep "
-                "trainer.devices the same in every job of a parallel sweep")
+                "trainer.devices the same in every job of a parallel sweep"
+            )
         release()
     parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     slot, lock = claim(lock_dir, slots)
@@ -226,10 +232,16 @@ def spawnable_processes() -> None:
         multiprocessing.set_start_method("spawn", force=True)
 
 
-def configure_job(cfg: DictConfig, hydra_cfg: Any = None, gpus: int | None = None,
-                  cores: int | None = None) -> Claim | None:
+def configure_job(
+    trainer: DictConfig,
+    num_threads: int | None,
+    hydra_cfg: Any = None,
+    gpus: int | None = None,
+    cores: int | None = None,
+) -> Claim | None:
     """Threads and GPUs of this job when it is one of several running at once (joblib
     launcher); nothing under any other launcher. Returns the GPU slot held, if any.
+    ``trainer`` is the job's trainer node, ``num_threads`` its setting (None: one share of the cores).
 
     ``hydra_cfg`` (default: the running job's), ``gpus`` and ``cores`` (default: this machine's)
     are parameters so the placement can be tested without a sweep or a GPU.
@@ -243,19 +255,29 @@ def configure_job(cfg: DictConfig, hydra_cfg: Any = None, gpus: int | None = Non
     cores = cores or joblib.cpu_count()
     n_jobs = int(launcher.get("n_jobs", -1))
     jobs = parallel_jobs(n_jobs, cores)
-    if cfg.get("num_threads") is None:
+    if num_threads is None:
         threads = thread_count(cores, jobs)
         torch.set_num_threads(threads)
-        log.info("parallel sweep: %d jobs at once (hydra.launcher.n_jobs=%d) on %d cores: %d torch thread(s) "
-                 "per job (num_threads=N sets it)", jobs, n_jobs, cores, threads)
+        log.info(
+            "parallel sweep: %d jobs at once (hydra.launcher.n_jobs=%d) on %d cores: %d torch thread(s) "
+            "per job (num_threads=N sets it)",
+            jobs,
+            n_jobs,
+            cores,
+            threads,
+        )
     if _claim is not None:
         gpus = _claim.gpus  # once pinned, this process sees only its slot; the machine's count was kept
     elif gpus is None:
         gpus = visible_gpu_count()
-    per_job = gpus_per_job(cfg.trainer, gpus)
+    per_job = gpus_per_job(trainer, gpus)
     if per_job is None:
         return None
     claimed = pin_gpus(Path(str(hydra_cfg.sweep.dir)) / LOCK_DIR, gpus, per_job, jobs, n_jobs)
-    log.info("GPU slot %d of %d: CUDA_VISIBLE_DEVICES=%s (this worker keeps the slot until it exits)",
-             claimed.slot, slot_count(gpus, per_job), ",".join(claimed.devices))
+    log.info(
+        "GPU slot %d of %d: CUDA_VISIBLE_DEVICES=%s (this worker keeps the slot until it exits)",
+        claimed.slot,
+        slot_count(gpus, per_job),
+        ",".join(claimed.devices),
+    )
     return claimed

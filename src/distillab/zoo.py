@@ -144,8 +144,15 @@ HEADER = ("model", "builder", "params", "MACs / sample", "published params", "di
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     """A text (or markdown) table; the published/difference/note columns only when some row has them."""
     cells = [
-        (r.name, r.target, _count(r.params), _count(r.macs), _count(r.published) if r.published else "",
-         _difference(r), r.note)
+        (
+            r.name,
+            r.target,
+            _count(r.params),
+            _count(r.macs),
+            _count(r.published) if r.published else "",
+            _difference(r),
+            r.note,
+        )
         for r in rows
     ]
     right = (False, False, True, True, True, True, False)
@@ -180,15 +187,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m distillab.zoo",
         description="Parameters and MACs of every conf/model entry, with the published CIFAR-100 counts.",
     )
-    parser.add_argument("data", nargs="?", type=_data_name, metavar="data=NAME",
-                        help=f"take input shape and classes of a known dataset: {', '.join(DATASETS)} "
-                             "(default cifar100)")
-    parser.add_argument("--input-shape", type=int, nargs="+", metavar="N",
-                        help="input shape without the batch, e.g. 3 32 32 (needs --classes)")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        type=_data_name,
+        metavar="data=NAME",
+        help=f"take input shape and classes of a known dataset: {', '.join(DATASETS)} (default cifar100)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="input shape without the batch, e.g. 3 32 32 (needs --classes)",
+    )
     parser.add_argument("--classes", type=int, help="number of classes (needs --input-shape)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument("--conf", type=Path, default=CONF_DIR,
-                        help="config folder holding model/ (default: %(default)s)")
+    parser.add_argument(
+        "--conf", type=Path, default=CONF_DIR, help="config folder holding model/ (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if (args.input_shape is None) != (args.classes is None):
         parser.error("--input-shape and --classes go together")
@@ -213,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = zoo(shape, classes, args.conf)
     print(f"input {'×'.join(map(str, shape))}, {classes} classes ({source}); MACs of one forward pass on one sample")
     if (shape, classes) == BENCHMARK_GEOMETRY:
-        print("published params: CIFAR-100 benchmark code of RepDistiller (CRD, ICLR 2020) and mdistiller "
-              "(DKD, CVPR 2022)")
+        print(
+            "published params: CIFAR-100 benchmark code of RepDistiller (CRD, ICLR 2020) and mdistiller "
+            "(DKD, CVPR 2022)"
+        )
     print()
     print(format_table(rows, markdown=args.markdown))
     print(f"\n{len(rows)} models in {time.perf_counter() - start:.1f} s")

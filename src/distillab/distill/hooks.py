@@ -109,8 +109,11 @@ def stage_paths(model: nn.Module) -> list[str]:
     for name in ("stages", "features"):
         container = children.get(name)
         if isinstance(container, nn.Sequential):
-            spatial = [f"{name}.{i}" for i, m in enumerate(container) if not isinstance(m, (nn.ReLU, nn.Dropout,
-                                                                                            nn.Flatten, nn.Linear))]
+            spatial = [
+                f"{name}.{i}"
+                for i, m in enumerate(container)
+                if not isinstance(m, (nn.ReLU, nn.Dropout, nn.Flatten, nn.Linear))
+            ]
             if name == "stages" or any(isinstance(m, nn.Conv2d) for m in container.modules()):
                 return spatial
             # an MLP's hidden representations: the outputs of its activations
@@ -136,13 +139,17 @@ def default_paths(model: nn.Module, which: str, key: str) -> list[str]:
     if which == "embedding":
         path = embedding_path(model)
         if path is None:
-            raise ConfigError(f"{key}: {type(model).__name__} has no linear layer to take the embedding from; "
-                              f"set {key} to a module path")
+            raise ConfigError(
+                f"{key}: {type(model).__name__} has no linear layer to take the embedding from; "
+                f"set {key} to a module path"
+            )
         return [path]
     stages = stage_paths(model)
     if not stages:
-        raise ConfigError(f"{key}: no stages recognised in {type(model).__name__}; set {key} to module paths "
-                          f"(top-level modules: {', '.join(_top_level(model))})")
+        raise ConfigError(
+            f"{key}: no stages recognised in {type(model).__name__}; set {key} to module paths "
+            f"(top-level modules: {', '.join(_top_level(model))})"
+        )
     if which == "stages":
         return stages
     if which == "middle":

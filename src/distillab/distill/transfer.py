@@ -26,12 +26,27 @@ weights: they are copied from the teacher unchanged whatever ``w``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from distillab.settings import Range
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRole:
+    """The student node's own keys, beside its architecture's: ``init=from_teacher`` starts it from
+    the teacher's matching tensors, interpolated as init_weight·θ_teacher + (1 − init_weight)·θ_init."""
+
+    init: Literal["from_teacher"] | None
+    init_weight: Annotated[float, Range(0, 1, what="a weight", note="of the teacher's tensors; 1 = copy them")]
 
 
 class NoMatchingTensors(ValueError):
@@ -79,9 +94,33 @@ def plan(student: nn.Module, teacher: nn.Module, names: tuple[str, str] | None =
         student_name, teacher_name = names or (type(student).__name__, type(teacher).__name__)
         raise NoMatchingTensors(
             f"no layer of the student ({student_name}) matches a layer of the teacher ({teacher_name}) in names and "
-            "shapes: weight transfer needs a student of the teacher's family (the same architecture, or fewer blocks)")
+            "shapes: weight transfer needs a student of the teacher's family (the same architecture, or fewer blocks)"
+        )
     order = {name: i for i, name in enumerate(student.state_dict())}
     return sorted(pairs, key=lambda pair: order[pair[0]])
+
+
+def check(student: nn.Module, teacher: nn.Module, names: tuple[str, str] | None = None) -> None:
+    """``student.init=from_teacher`` pairs tensors by the architectures alone, so a student that
+    shares no layer with the teacher fails here, on the untrained models, before any training."""
+    from distillab.settings import ConfigError
+
+    try:
+        plan(student, teacher, names)
+    except NoMatchingTensors as error:
+        raise ConfigError(f"student.init=from_teacher: {error}") from None
+
+
+def apply(student: nn.Module, teacher: nn.Module, weight: float, names: tuple[str, str]) -> dict[str, Any]:
+    """``init_from_teacher``, logged; the ``student.init`` record of results.json."""
+    report = init_from_teacher(student, teacher, weight, names)
+    log.info(
+        "student.init=from_teacher: %d of %d student tensors from the teacher (init_weight=%g)",
+        len(report.copied),
+        len(report.copied) + len(report.kept),
+        weight,
+    )
+    return report.as_record()
 
 
 def init_from_teacher(
@@ -110,8 +149,9 @@ def _blend(target: Tensor, source: Tensor, weight: float) -> None:
         target.copy_(weight * source + (1.0 - weight) * target)
 
 
-def _module_pairs(student: nn.Module, teacher: nn.Module, student_prefix: str = "",
-                  teacher_prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def _module_pairs(
+    student: nn.Module, teacher: nn.Module, student_prefix: str = "", teacher_prefix: str = ""
+) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """Corresponding (prefix, module) of student and teacher, from the roots down."""
     yield student_prefix, student, teacher_prefix, teacher
     student_children, teacher_children = dict(student.named_children()), dict(teacher.named_children())
@@ -123,8 +163,12 @@ def _module_pairs(student: nn.Module, teacher: nn.Module, student_prefix: str = 
     else:
         matches = [(name, name) for name in student_children if name in teacher_children]
     for student_name, teacher_name in matches:
-        yield from _module_pairs(student_children[student_name], teacher_children[teacher_name],
-                                 f"{student_prefix}{student_name}.", f"{teacher_prefix}{teacher_name}.")
+        yield from _module_pairs(
+            student_children[student_name],
+            teacher_children[teacher_name],
+            f"{student_prefix}{student_name}.",
+            f"{teacher_prefix}{teacher_name}.",
+        )
 
 
 def _is_sequence(module: nn.Module) -> bool:
@@ -138,8 +182,9 @@ def _has_tensors(module: nn.Module) -> bool:
 def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
     """The module's own parameters and persistent buffers, as its state_dict names them."""
     tensors = {name: p for name, p in module.named_parameters(recurse=False)}
-    tensors.update((name, b) for name, b in module.named_buffers(recurse=False)
-                   if name not in module._non_persistent_buffers_set)
+    tensors.update(
+        (name, b) for name, b in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
+    )
     return tensors
 
 

@@ -3,11 +3,12 @@
 Features inside a model are reached by module path with forward hooks, never through a
 private forward signature, so any architecture can be a teacher or a student.
 
-``conf/model/<name>.yaml`` points at these classes and builders: the small ``CNN`` and ``MLP``,
-the CIFAR-100 distillation-benchmark architectures (CIFAR ResNets, Wide ResNets, VGG with BN,
-MobileNetV2) and library models by name (``torchvision_model``, ``timm_model``). The
-MobileNetV2 builder shares its module's name, so it is ``distillab.models.mobilenetv2.mobilenetv2``
-(``distillab.models.mobilenetv2`` is the module).
+``conf/model/<name>.yaml`` points at these classes and builders (one file per architecture
+serves the teacher and the student): the small ``CNN`` and ``MLP``, the CIFAR-100
+distillation-benchmark architectures (CIFAR ResNets, Wide ResNets, VGG with BN, MobileNetV2)
+and library models by name (``torchvision_model``, ``timm_model``). A model's settings are the
+typed parameters of its constructor; their values are in its YAML file. A new architecture is
+one module here (or anywhere importable) plus one YAML whose ``_target_`` names it.
 """
 
 from distillab.models.cifar_resnet import (

@@ -76,10 +76,7 @@ class CifarResNet(nn.Module):
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CifarResNet depth must be 6n + 2 with n >= 1, got {depth}")
         if len(widths) < 1 or any(int(w) < 1 for w in widths) or stem_width < 1:
-            raise ValueError(
-                f"CifarResNet widths must be positive, got widths={list(widths)}, "
-                f"stem_width={stem_width}"
-            )
+            raise ValueError(f"CifarResNet widths must be positive, got widths={list(widths)}, stem_width={stem_width}")
         blocks_per_stage = (depth - 2) // 6
         self.depth = depth
         channels = int(input_shape[0])

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 from torch import Tensor, nn
+
+from distillab.settings import Count, Range, checked
+
+#: a dropout probability
+Dropout = Annotated[float, Range(0, 1, high_open=True, what="a probability", note="0 = no dropout")]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -13,6 +19,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
+@checked
 class CNN(nn.Module):
     """Small VGG-style convolutional classifier: ``blocks`` stages of two 3×3 conv-BN-ReLU.
 
@@ -26,14 +33,11 @@ class CNN(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        width: int = 32,
-        blocks: int = 2,
-        dropout: float = 0.0,
+        width: Count,
+        blocks: Count,
+        dropout: Dropout,
     ) -> None:
         super().__init__()
-        for name, value in (("width", width), ("blocks", blocks)):
-            if value < 1:
-                raise ValueError(f"{name}={value}: must be an integer >= 1")
         channels, height, wide = int(input_shape[0]), int(input_shape[1]), int(input_shape[2])
         stages = []
         for i in range(blocks):

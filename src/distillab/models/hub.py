@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillab.config import ConfigError
+from distillab.settings import ConfigError, checked
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ def _fit_input_size(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
         if _runs_at(model, (channels, *target)) is None:
             model.input_size = target
             model.register_forward_pre_hook(_UpsampleInput(target))
-            log.info("%s: inputs of %d×%d are upsampled to %d×%d, the smallest size it accepts",
-                     name, height, width, *target)
+            log.info(
+                "%s: inputs of %d×%d are upsampled to %d×%d, the smallest size it accepts", name, height, width, *target
+            )
             return model
     raise ConfigError(
         f"name={name}: does not accept {channels}×{height}×{width} inputs, nor upsampled ones up to "
@@ -193,8 +194,15 @@ def _adapt_first_conv(model: nn.Module, name: str, channels: int, pretrained: bo
         if pretrained:
             weight = weight * (3 / channels)
     new = nn.Conv2d(
-        channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
     )
     with torch.no_grad():
         new.weight.copy_(weight)
@@ -208,7 +216,8 @@ def _adapt_first_conv(model: nn.Module, name: str, channels: int, pretrained: bo
 def _replace_classifier(model: nn.Module, name: str, old_classes: int, num_classes: int) -> None:
     """Swap the last layer with ``old_classes`` outputs for a new one with ``num_classes``."""
     heads = [
-        (path, m) for path, m in model.named_modules()
+        (path, m)
+        for path, m in model.named_modules()
         if (isinstance(m, nn.Linear) and m.out_features == old_classes)
         or (isinstance(m, nn.Conv2d) and m.out_channels == old_classes and m.kernel_size == (1, 1))
     ]
@@ -261,12 +270,13 @@ def _torchvision_weights(name: str, weights: str | None):
         raise ConfigError(f"weights={weights}: not a weight set of torchvision {name}; allowed: {names}") from None
 
 
+@checked
 def torchvision_model(
     input_shape: Sequence[int],
     num_classes: int,
-    name: str = "resnet18",
-    pretrained: bool = False,
-    weights: str | None = None,
+    name: str,
+    pretrained: bool,
+    weights: str | None,
 ) -> nn.Module:
     """A torchvision classification model by ``name``, adapted to the data (see the module doc).
 
@@ -297,8 +307,14 @@ def torchvision_model(
                     f"({_one_line(error)}); delete the file to download it again"
                 ) from None
             if _is_download_error(error):
-                raise _missing_weights(key, f"{chosen} of torchvision {name}", os.path.join(folder, filename),
-                                       chosen.url, f"put {filename} in {folder}", error) from None
+                raise _missing_weights(
+                    key,
+                    f"{chosen} of torchvision {name}",
+                    os.path.join(folder, filename),
+                    chosen.url,
+                    f"put {filename} in {folder}",
+                    error,
+                ) from None
             raise
         _drop_aux_classifiers(model)
         categories = len(chosen.meta["categories"])
@@ -335,11 +351,12 @@ def _timm_cache(timm, name: str) -> tuple[str, str, str]:
     return os.path.join(folder, filename), url, f"put {filename} in {folder}"
 
 
+@checked
 def timm_model(
     input_shape: Sequence[int],
     num_classes: int,
-    name: str = "resnet18",
-    pretrained: bool = False,
+    name: str,
+    pretrained: bool,
 ) -> nn.Module:
     """A timm model by ``name`` (``timm.list_models()``; a weight tag like ``resnet18.a1_in1k``
     picks pretrained weights), built by ``timm.create_model`` with ``num_classes`` and

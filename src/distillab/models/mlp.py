@@ -5,7 +5,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from distillab.models.cnn import Dropout
+from distillab.settings import Count, checked
 
+
+@checked
 class MLP(nn.Module):
     """Fully connected classifier on flattened inputs.
 
@@ -17,13 +21,11 @@ class MLP(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (32,),
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
+        hidden: Sequence[Count],
+        dropout: Dropout,
+        input_dropout: Dropout,
     ) -> None:
         super().__init__()
-        if any(int(width) < 1 for width in hidden):
-            raise ValueError(f"hidden={list(hidden)}: layer sizes must be positive integers")
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from distillab.models.init import init_conv_bn
+from distillab.settings import Positive, checked
 
 #: ``(expansion t, output channels c, blocks n, first stride s)`` per stage.
 STAGE_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -93,6 +94,7 @@ def _last_channels(width_mult: float) -> int:
     return max(8, int(scaled + 4) // 8 * 8)
 
 
+@checked
 class MobileNetV2(nn.Module):
     """MobileNetV2 (Sandler et al., CVPR 2018), CIFAR variant of the distillation benchmarks.
 
@@ -103,12 +105,8 @@ class MobileNetV2(nn.Module):
     identical to the benchmark code of Tian et al. (ICLR 2020).
     """
 
-    def __init__(
-        self, input_shape: Sequence[int], num_classes: int, width_mult: float = 0.5
-    ) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width_mult: Positive) -> None:
         super().__init__()
-        if width_mult <= 0:
-            raise ValueError(f"MobileNetV2 width_mult must be positive, got {width_mult}")
         self.width_mult = width_mult
         c_in = max(1, int(32 * width_mult))
         self.stem = _conv_bn_relu(int(input_shape[0]), c_in, 3, stride=2)
@@ -132,8 +130,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(x))
 
 
-def mobilenetv2(
-    input_shape: Sequence[int], num_classes: int, width_mult: float = 0.5
-) -> MobileNetV2:
-    """MobileNetV2, width 0.5 by default (the benchmark student); 812,836 params on CIFAR-100."""
-    return MobileNetV2(input_shape, num_classes, width_mult=width_mult)
+def mobilenetv2(input_shape: Sequence[int], num_classes: int) -> MobileNetV2:
+    """The benchmark student, MobileNetV2 at width 0.5: 812,836 params on CIFAR-100
+    (``conf/model/mobilenetv2.yaml`` builds the class with a configurable ``width_mult``)."""
+    return MobileNetV2(input_shape, num_classes, width_mult=0.5)

@@ -1,0 +1,61 @@
+"""The options of ``conf/`` from Python: what a group offers, and the object an option configures.
+
+``conf/<group>/<option>.yaml`` is the one place a built-in part's values are written; its
+class or function declares their types and ranges. So the part as configured is
+
+    from distillab import conf
+    fitnet = conf.build("distill", "fitnet", hint_weight=10.0)       # FitNet with its configured values
+    cnn = conf.build("model", "cnn", input_shape=(1, 8, 8), num_classes=10)
+
+Only option files without a defaults list are read this way (methods, models, datamodules,
+compressors); the run's own composition is Hydra's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The option names of ``group`` (its YAML files), sorted."""
+    return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+
+
+def load(group: str, option: str, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """The node ``conf/<group>/<option>.yaml`` holds, comments and all values."""
+    path = conf_dir / group / f"{option}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{group}={option} is not an option; allowed: {', '.join(options(group, conf_dir))}")
+    node = OmegaConf.load(path)
+    if "defaults" in node:
+        raise ValueError(f"{path} has a defaults list: compose it with Hydra instead")
+    return node
+
+
+def build(group: str, option: str, /, **overrides: Any) -> Any:
+    """The object ``conf/<group>/<option>.yaml`` configures, with ``overrides`` on top of its values."""
+    from hydra.utils import instantiate
+
+    node = load(group, option)
+    return instantiate(node, **overrides)
+
+
+def option_list(group: str, sources: Any) -> str:
+    """``"a, b, c"``: the options of ``group`` in every folder of Hydra's config search path
+    (``hydra.runtime.config_sources``), for the help text; ``distillab.options`` in YAML."""
+    names: set[str] = set()
+    for source in sources or []:
+        if source.get("schema") == "file" and source.get("path"):
+            names.update(options(group, Path(str(source["path"]))))
+    return ", ".join(sorted(names))
+
+
+def register_resolvers() -> None:
+    """Make ``${distillab.options:<group>,<sources>}`` available to the config (the help text)."""
+    if not OmegaConf.has_resolver("distillab.options"):
+        OmegaConf.register_new_resolver("distillab.options", option_list)
