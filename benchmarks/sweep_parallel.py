@@ -45,8 +45,13 @@ TARGET = 1.6
 
 def common(epochs: int, cache: Path) -> list[str]:
     # the teacher's own epochs only shorten the warm-up; both arms read the same cached teacher
-    return [f"trainer.max_epochs={epochs}", "teacher.recipe.max_epochs=5", "logger=none",
-            "trainer.enable_progress_bar=false", f"paths.cache_dir={cache}"]
+    return [
+        f"trainer.max_epochs={epochs}",
+        "teacher.recipe.max_epochs=5",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={cache}",
+    ]
 
 
 def launcher_args(name: str, n_jobs: int) -> list[str]:
@@ -58,8 +63,9 @@ def train(args: list[str], log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                              stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         print(f"failed (exit {done.returncode}): python train.py {' '.join(args)}; see {log}", file=sys.stderr)
@@ -89,12 +95,16 @@ def main() -> int:
     args = parser.parse_args()
 
     cores = joblib.cpu_count()
-    print(f"python {platform.python_version()}, torch {torch.__version__}, hydra {hydra.__version__}, "
-          f"joblib {joblib.__version__}; {cores} cores; {args.jobs} jobs of {args.epochs} epochs; "
-          f"load average (1/5/15 min) before: {load()}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, hydra {hydra.__version__}, "
+        f"joblib {joblib.__version__}; {cores} cores; {args.jobs} jobs of {args.epochs} epochs; "
+        f"load average (1/5/15 min) before: {load()}"
+    )
     if os.getloadavg()[0] > cores / 2:
-        print(f"warning: the machine is busy (1-minute load {os.getloadavg()[0]:.2f} on {cores} cores); "
-              "the ratio will not be that of an idle machine")
+        print(
+            f"warning: the machine is busy (1-minute load {os.getloadavg()[0]:.2f} on {cores} cores); "
+            "the ratio will not be that of an idle machine"
+        )
     seeds = "seed=" + ",".join(str(seed) for seed in range(args.jobs))
     ratios = []
     with tempfile.TemporaryDirectory(prefix="sweep_parallel-") as tmp:
@@ -108,15 +118,19 @@ def main() -> int:
             wall = {}
             for name in order:
                 sweep = folder / f"{name}-{round_}"
-                wall[name] = train(["-m", seeds, *shared, *launcher_args(name, args.n_jobs),
-                                    f"hydra.sweep.dir={sweep}"], folder / f"{name}-{round_}.log")
+                wall[name] = train(
+                    ["-m", seeds, *shared, *launcher_args(name, args.n_jobs), f"hydra.sweep.dir={sweep}"],
+                    folder / f"{name}-{round_}.log",
+                )
                 label = name if name == "basic" else f"joblib n_jobs={args.n_jobs}"
                 print(f"{round_:>5}  {label:<22} {wall[name]:>8.1f} {job_seconds(sweep, args.jobs):>10.2f}  {load()}")
             ratios.append(wall["basic"] / wall["joblib"])
     ratio = statistics.median(ratios)
     verdict = "PASS" if ratio >= TARGET else "FAIL"
-    print(f"wall-clock ratio basic / joblib (n_jobs={args.n_jobs}): {ratio:.2f}x faster in parallel "
-          f"(target >= {TARGET}) {verdict}")
+    print(
+        f"wall-clock ratio basic / joblib (n_jobs={args.n_jobs}): {ratio:.2f}x faster in parallel "
+        f"(target >= {TARGET}) {verdict}"
+    )
     return 0 if verdict == "PASS" else 1
 
 

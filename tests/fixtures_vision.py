@@ -68,8 +68,9 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def write_mnist(root: Path, folder: str = "MNIST", train_per_class: int = 6, test_per_class: int = 3,
-                seed: int = 0) -> Arrays:
+def write_mnist(
+    root: Path, folder: str = "MNIST", train_per_class: int = 6, test_per_class: int = 3, seed: int = 0
+) -> Arrays:
     """MNIST-format files under ``root/<folder>/raw`` (``folder``: MNIST or FashionMNIST)."""
     rng = np.random.default_rng(seed)
     raw = Path(root) / folder / "raw"
@@ -107,18 +108,24 @@ def write_cifar10(root: Path, train_per_class: int = 10, test_per_class: int = 5
     train, test = _colour_images(train_labels, 10, rng), _colour_images(test_labels, 10, rng)
     chunks = np.array_split(np.arange(len(train_labels)), 5)
     for b, idx in enumerate(chunks, start=1):
-        _pickle(folder / f"data_batch_{b}", {
-            "batch_label": f"training batch {b} of 5",
-            "labels": train_labels[idx].tolist(),
-            "data": _rows(train[idx]),
-            "filenames": [f"train_{i}.png" for i in idx],
-        })
-    _pickle(folder / "test_batch", {
-        "batch_label": "testing batch 1 of 1",
-        "labels": test_labels.tolist(),
-        "data": _rows(test),
-        "filenames": [f"test_{i}.png" for i in range(len(test_labels))],
-    })
+        _pickle(
+            folder / f"data_batch_{b}",
+            {
+                "batch_label": f"training batch {b} of 5",
+                "labels": train_labels[idx].tolist(),
+                "data": _rows(train[idx]),
+                "filenames": [f"train_{i}.png" for i in idx],
+            },
+        )
+    _pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_labels.tolist(),
+            "data": _rows(test),
+            "filenames": [f"test_{i}.png" for i in range(len(test_labels))],
+        },
+    )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _pickle(folder / "batches.meta", {"num_cases_per_batch": len(chunks[0]), "label_names": names, "num_vis": 3072})
     return {"train": (train, train_labels), "test": (test, test_labels)}
@@ -132,18 +139,24 @@ def write_cifar100(root: Path, train_per_class: int = 3, test_per_class: int = 1
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         labels = _labels(100, per_class, rng)
         images = _colour_images(labels, 100, rng)
-        _pickle(folder / split, {
-            "filenames": [f"{split}_{i}.png" for i in range(len(labels))],
-            "batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1",
-            "fine_labels": labels.tolist(),
-            "coarse_labels": (labels // 5).tolist(),
-            "data": _rows(images),
-        })
+        _pickle(
+            folder / split,
+            {
+                "filenames": [f"{split}_{i}.png" for i in range(len(labels))],
+                "batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1",
+                "fine_labels": labels.tolist(),
+                "coarse_labels": (labels // 5).tolist(),
+                "data": _rows(images),
+            },
+        )
         arrays[split] = (images, labels)
-    _pickle(folder / "meta", {
-        "fine_label_names": [f"fine_{k}" for k in range(100)],
-        "coarse_label_names": [f"coarse_{k}" for k in range(20)],
-    })
+    _pickle(
+        folder / "meta",
+        {
+            "fine_label_names": [f"fine_{k}" for k in range(100)],
+            "coarse_label_names": [f"coarse_{k}" for k in range(20)],
+        },
+    )
     return arrays
 
 

@@ -16,8 +16,13 @@ def hold_gpus(lock_dir: str, gpus: int, per_job: int, jobs: int, seconds: float)
     claim = slots.pin_gpus(Path(lock_dir), gpus, per_job, jobs, jobs)
     began = time.monotonic()
     time.sleep(seconds)
-    return {"pid": os.getpid(), "slot": claim.slot, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
-            "began": began, "ended": time.monotonic()}
+    return {
+        "pid": os.getpid(),
+        "slot": claim.slot,
+        "visible": os.environ["CUDA_VISIBLE_DEVICES"],
+        "began": began,
+        "ended": time.monotonic(),
+    }
 
 
 def start_a_child(prepare: bool) -> int:
