@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import pytest
 import torch
@@ -54,44 +53,6 @@ def test_none_is_only_an_amount():
     assert node == {"amount": None} and compress.is_none(node)
     assert compress.is_none(conf.load("compress", "none"))
     assert not any(compress.is_none(conf.load("compress", option)) for option in OPTIONS if option != "none")
-
-
-@pytest.mark.parametrize("option", [option for option in OPTIONS if option != "none"])
-def test_declaration_from_source_is_the_imported_one(option):
-    for step in steps_of(node_of(option)):
-        target = step["_target_"]
-        from_source = settings._SourceReader().find(target)
-        assert from_source is not None, f"{target}: not readable from source"
-        imported = settings._by_import(target)
-        assert list(from_source.settings) == list(imported.settings)
-        assert from_source.open == imported.open is False
-        for name, setting in from_source.settings.items():
-            assert setting.default == imported.settings[name].default, (target, name)
-            if name in PROVIDED:
-                continue  # nn.Module and Context: the source reader does not import torch
-            assert setting.kind == imported.settings[name].kind, (target, name)
-            assert setting.kind is not Any, (target, name)
-            assert setting.default is settings.REQUIRED, f"{target}: {name} has a Python default; the YAML holds it"
-
-
-@pytest.mark.parametrize("option", [option for option in OPTIONS if option != "none"])
-def test_option_values_pass_the_declaration_and_list_every_setting(option):
-    node = node_of(option)
-    for step in steps_of(node):
-        target, values = step["_target_"], values_of(step)
-        assert step["_partial_"] is True
-        settings.check("compress", values, target, provided=PROVIDED, partial=True)
-        declared = settings.declaration(target).settings
-        # every setting has its value in the YAML (amount: the pipeline key of the node)
-        wanted = {name for name in declared if name not in PROVIDED}
-        given = set(values) | ({"amount"} if "amount" in declared and "amount" in node else set())
-        assert given == wanted, target
-        settings.check(
-            "compress",
-            {**values, **({"amount": node["amount"]} if "amount" in declared else {})},
-            target,
-            provided=PROVIDED,
-        )
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -214,45 +175,3 @@ def test_a_method_called_with_a_bad_value_says_so():
             node, CNN(SHAPE, 10, width=8, blocks=1, dropout=0.0), Context(SHAPE, _batches), "prune_unstructured"
         )
     assert str(caught.value) == "amount=1.5 is not allowed: a fraction in (0, 1)"
-
-
-# a fresh interpreter reads every compressor's declaration and checks every option's values
-_WITHOUT_TORCH = """
-import json, sys
-from omegaconf import OmegaConf
-from distillab import conf, settings
-PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "steps")
-kinds = {}
-for option in conf.options("compress"):
-    node = OmegaConf.to_container(conf.load("compress", option))
-    for step in node.get("steps") or ([node] if "_target_" in node else []):
-        values = {k: v for k, v in step.items() if k not in ("_target_", "_partial_", *PIPELINE_KEYS)}
-        settings.check("compress", values, step["_target_"], provided=("model", "context"), partial=True)
-        declared = settings.declaration(step["_target_"]).settings
-        kinds[step["_target_"]] = {name: repr(s.kind) for name, s in declared.items()}
-print(json.dumps({"kinds": kinds, "torch": "torch" in sys.modules}))
-"""
-
-
-def test_declarations_are_read_without_importing_torch():
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, check=True)
-    found = json.loads(done.stdout)
-    assert found["torch"] is False
-    assert set(found["kinds"]) == {
-        "distillab.compress.prune.structured",
-        "distillab.compress.prune.unstructured",
-        "distillab.compress.quantize.dynamic",
-        "distillab.compress.quantize.static",
-        "distillab.compress.quantize.qat",
-    }
-    for target, kinds in found["kinds"].items():
-        imported = settings._by_import(target).settings
-        assert list(kinds) == list(imported), target
-        # model and context: torch is not imported there, so their kinds are opaque stand-ins
-        assert {name: kind for name, kind in kinds.items() if name not in PROVIDED} == {
-            name: repr(s.kind) for name, s in imported.items() if name not in PROVIDED
-        }, target

@@ -3,10 +3,8 @@ valued in conf/data/, checked up front without torch and again when built from P
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +13,9 @@ import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from distillab import build, conf, settings
+from distillab import build, conf
 from distillab.data import DigitsDataModule, SyntheticDataModule, TensorBatches
 from distillab.settings import ConfigError
-from tests import declarations
 from tests.conftest import ROOT
 
 
@@ -93,33 +90,6 @@ OPTIONS = conf.options("data")
 def _yaml(option: str) -> tuple[str, dict]:
     values = OmegaConf.to_container(conf.load("data", option))
     return values.pop("_target_"), values
-
-
-@pytest.mark.parametrize("option", OPTIONS)
-def test_declaration_read_from_source_is_the_imported_one(option):
-    target, values = _yaml(option)
-    from_source, imported = settings.declaration(target), settings._by_import(target)
-    assert declarations.described(from_source) == declarations.described(imported)
-    assert all(s.kind is not Any for s in from_source.settings.values())  # every setting has a type
-    settings.check("data", values, target)
-    # each value is written once: every setting in the YAML, no default in the code
-    assert set(values) == set(imported.settings)
-    assert all(s.default is settings.REQUIRED for s in imported.settings.values())
-
-
-def test_declarations_are_read_without_importing_torch():
-    done = subprocess.run(
-        [sys.executable, str(Path(declarations.__file__)), "data"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    found = json.loads(done.stdout)
-    assert found["torch"] is False and sorted(found["options"]) == OPTIONS
-    for option, entry in found["options"].items():
-        assert entry["problem"] is None, option
 
 
 _COMMAND_LINE = """

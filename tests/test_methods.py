@@ -9,10 +9,7 @@ import csv
 import itertools
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +33,6 @@ from distillab.distill.methods.rkd import RelationalKD, rkd_angle_loss, rkd_dist
 from distillab.distill.methods.sp import SimilarityPreserving, sp_loss
 from distillab.models import CNN, MLP, resnet8, torchvision_model, vgg8, wrn_16_1
 from distillab.settings import ConfigError
-from tests import declarations
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -541,32 +537,6 @@ def test_every_option_builds_its_class():
     assert OPTIONS == sorted(CLASSES)
     for option, cls in CLASSES.items():
         assert type(_method(option)) is cls
-
-
-@pytest.mark.parametrize("option", OPTIONS)
-def test_declaration_read_from_source_is_the_imported_one(option):
-    target, values = _yaml(option)
-    from_source, imported = settings.declaration(target), settings._by_import(target)
-    assert declarations.described(from_source) == declarations.described(imported)
-    assert all(s.kind is not Any for s in from_source.settings.values())  # every setting has a type
-    settings.check("distill", values, target)  # the YAML's values are allowed
-    # each value is written once: every setting in the YAML, no default in the code
-    assert set(values) == set(imported.settings)
-    assert all(s.default is settings.REQUIRED for s in imported.settings.values())
-
-
-def test_declarations_are_read_without_importing_torch():
-    """A fresh interpreter reads every option's declaration from source and checks the YAML's
-    values without importing torch, and reads there what importing the classes declares."""
-    script = Path(declarations.__file__)
-    done = subprocess.run([sys.executable, str(script), "distill"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    found = json.loads(done.stdout)
-    assert found["torch"] is False
-    assert sorted(found["options"]) == OPTIONS
-    for option, entry in found["options"].items():
-        assert entry["problem"] is None, option
-        assert entry["declaration"] == declarations.described(settings._by_import(entry["target"])), option
 
 
 BAD = [
