@@ -15,7 +15,7 @@ import torch
 
 from distillab import conf, results
 from distillab.teacher import cache as teachers
-from tests.conftest import FAST, compose_cfg, run_train
+from tests.conftest import FAST, ROOT, compose_cfg, run_train
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
@@ -203,3 +203,30 @@ def test_a_ddp_sweep_runs_each_job_once(ddp_run, tmp_path):
     assert [r["status"] for r in records] == ["ok", "ok"] and [r["seed"] for r in records] == [0, 1]
     assert [r["teacher"]["cache"] for r in records] == ["hit", "hit"]  # the teacher of the first run
     assert (sweep / "summary.csv").is_file()
+
+
+def test_a_plain_datamodule_with_cached_teacher_outputs_trains_on_two_processes(tmp_path):
+    """The indexed copy of a plain datamodule's training loader (cached teacher outputs) is sharded
+    across the ranks like any loader: each takes half of every epoch."""
+    example = ROOT / "examples" / "my_datamodule"
+    result = run_train(
+        [
+            "--config-dir",
+            str(example / "conf"),
+            "data=my_data",
+            *DDP,
+            *FAST,
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": os.pathsep.join([str(example), str(ROOT / "src")])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "teacher outputs: cached" in log and "its batches get sample indices" in log
+    record = results.read(tmp_path / "run")
+    assert record["teacher"]["outputs"] == "cached" and record["status"] == "ok"
+    # 420 training samples in batches of 32: 14 batches an epoch in one process, 7 on each of two
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "student" / "metrics.csv").open()))
+    assert {int(row["step"]) for row in rows if row["epoch"] == "0" and row.get("train/loss")} == {6}

@@ -125,6 +125,9 @@ def _declared(key: str, target: str) -> settings.Declaration:
         return settings.declaration(target)
     except (ImportError, AttributeError) as error:
         raise ConfigError(f"{key}._target_={target!r} cannot be found: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a module that fails to import is the same mistake, in one line
+        message = " ".join(str(error).split())
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported: {type(error).__name__}: {message}") from None
 
 
 def plain(node: Any) -> Any:
