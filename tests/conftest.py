@@ -91,3 +91,19 @@ def teacher_folder(cfg: DictConfig) -> Path:
     from distillab.teacher import cache
 
     return cache.cache_folder(cfg.paths.cache_dir, cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision))
+
+
+def quiet_trainer(epochs: int, root_dir: Path | None = None, callbacks=(), **options):
+    """A CPU Lightning Trainer for unit tests: no logger, bar, summary or checkpoint unless asked."""
+    import pytorch_lightning as pl
+
+    settings = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        **options,
+    }
+    return pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", callbacks=list(callbacks), default_root_dir=root_dir, **settings
+    )

@@ -13,6 +13,7 @@ from torch import nn
 from distillab import conf
 from distillab.distill.methods.kd import KD
 from distillab.distill.module import FINITE_CHECK_EVERY, DistillationModule
+from tests.conftest import quiet_trainer
 
 
 class TeacherWatch(pl.Callback):
@@ -46,15 +47,7 @@ def _fit(tmp_path: Path, teacher: nn.Module) -> tuple[DistillationModule, Teache
     student = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     module = DistillationModule(student, teacher, KD(lam=0.5, temperature=2.0))
     watch = TeacherWatch()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[watch],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(2, tmp_path, [watch], enable_checkpointing=True)
     trainer.fit(module, datamodule=data)
     trainer.validate(module, datamodule=data, verbose=False)
     return module, watch, trainer
@@ -139,16 +132,7 @@ def _data(**kwargs):
 
 
 def _trainer(tmp_path: Path, epochs: int, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
-        callbacks=list(callbacks),
-        default_root_dir=tmp_path,
-    )
+    return quiet_trainer(epochs, tmp_path, callbacks, enable_checkpointing=bool(callbacks))
 
 
 def test_epoch_metrics_are_batch_size_weighted_means_of_the_steps(tmp_path):

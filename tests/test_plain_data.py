@@ -35,7 +35,7 @@ from distillab.distill.module import DistillationModule
 from distillab.settings import ConfigError
 from distillab.teacher import outputs
 from distillab.teacher.cache import Teacher
-from tests.conftest import ROOT
+from tests.conftest import ROOT, quiet_trainer
 
 EXAMPLE = ROOT / "examples" / "my_datamodule"
 AUTO = outputs.OutputSettings(cache="auto", dtype="float32", top_k=None)
@@ -245,15 +245,7 @@ def batch_order(data: pl.LightningDataModule, seed: int, indexed: bool) -> list[
     ready(data, seed)
     pl.seed_everything(seed, verbose=False)
     module = Recorder()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(2, num_sanity_val_steps=0)
     trainer.fit(module, **adapter.fit_arguments(data, indexed=indexed))
     return module.seen
 
