@@ -6,7 +6,6 @@ settings or its own cross-checks) becomes one line naming the key, as the up-fro
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from distillab.config import MODEL_PROVIDED, ROLE_KEYS
 from distillab.data.adapter import DataInfo
-from distillab.settings import ConfigError
+from distillab.settings import ConfigError, under
 
 
 def part(key: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -28,10 +27,8 @@ def part(key: str, node: DictConfig, **kwargs: Any) -> Any:
         cause = error.__cause__ or error
         # one line, keeping what follows a first line that ends in ":" (an import's own error)
         message = " ".join(str(cause).split()) or type(cause).__name__
-        if re.match(r"^[\w.]+=", message):  # "<argument>=<value> ...": the key relative to the node
-            raise ConfigError(f"{key}.{message}") from None
-        if isinstance(cause, ConfigError):
-            raise ConfigError(message) from None
+        if isinstance(cause, ConfigError) or under(key, message) != message:
+            raise ConfigError(under(key, message)) from None
         raise ConfigError(f"{key}: {type(cause).__name__}: {message}") from None
 
 

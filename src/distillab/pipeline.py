@@ -66,6 +66,7 @@ class Parts:
     info: adapter.DataInfo
     student: nn.Module
     teacher: nn.Module  # untrained: the cache or training fills it
+    teacher_nodes: list[DictConfig]  # the teacher's node, or one per member of an ensemble
     method: nn.Module
     names: dict[str, str]  # the run's choice per group: distill, compress, teacher, student
     out: Path
@@ -126,8 +127,9 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
     ensemble.check(
         members, mixing, feature, cfg.teacher.ckpt_path, target == "teacher", init_from_teacher, job.config_dirs()
     )
+    nodes = ensemble.member_nodes(members, cfg.teacher, job.config_dirs()) if members else [cfg.teacher]
     if members:
-        models = [build.teacher(node, info) for node in ensemble.member_nodes(members, cfg.teacher, job.config_dirs())]
+        models = [build.teacher(node, info) for node in nodes]
         teacher: nn.Module = ensemble.build(models, members, mixing, method_contract.temperature(method))
     else:
         teacher = build.teacher(cfg.teacher, info)
@@ -144,7 +146,7 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
     if target is not None:
         model = student if target == "student" else teacher
         stage.dry_run(cfg.compress, names["compress"], model, data, info.input_shape)
-    return Parts(settings, data, info, student, teacher, method, names, Path(cfg.paths.output_dir))
+    return Parts(settings, data, info, student, teacher, nodes, method, names, Path(cfg.paths.output_dir))
 
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
@@ -231,16 +233,16 @@ def obtain_teacher(cfg: DictConfig, parts: Parts, fitting: training.Fitting | No
     fitting = fitting or _fitting(cfg, parts)
 
     def obtain(model: nn.Module, node: DictConfig, role: str) -> cache.Teacher:
-        return teacher_training.obtain(model, node, parts.data, cfg.data, cfg.paths.cache_dir, fitting, role)
+        data, classes = parts.data, parts.info.num_classes
+        return teacher_training.obtain(model, node, data, classes, cfg.data, cfg.paths.cache_dir, fitting, role)
 
     if not isinstance(parts.teacher, ensemble.Ensemble):
         found = obtain(parts.teacher, cfg.teacher, "teacher")
         found.arch = parts.names["teacher"]
         return found
-    nodes = ensemble.member_nodes(parts.teacher.names, cfg.teacher, job.config_dirs())
     return ensemble.obtain(
         parts.teacher,
-        nodes,
+        parts.teacher_nodes,
         _settings(EnsembleSettings, cfg.ensemble),
         lambda model, node, name: obtain(model, node, f"teacher-{name}"),
     )

@@ -31,6 +31,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import math
+import re
 import sys
 import types
 import typing
@@ -62,6 +63,12 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is one line naming the key and what is allowed."""
+
+
+def under(key: str, message: str) -> str:
+    """A part's own message placed under its config key: ``lam=2 is not allowed…`` of the part at
+    ``distill`` becomes ``distill.lam=2 is not allowed…``; other messages are left as they are."""
+    return f"{key}.{message}" if re.match(r"^[\w.]+=", message) else message
 
 
 # -- ranges -----------------------------------------------------------------------------------

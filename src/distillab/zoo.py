@@ -31,8 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from distillab import measure
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from distillab.conf import CONF_DIR
 
 #: (input shape, classes) of the datasets distillab knows, so no data has to be loaded.
 DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {

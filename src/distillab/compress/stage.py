@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 from distillab import compress, training
 from distillab.distill.methods.base import is_feature_method, needs_teacher
 from distillab.distill.module import DistillationModule
-from distillab.settings import ConfigError
+from distillab.settings import ConfigError, under
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,7 @@ def dry_run(node: DictConfig, name: str, model: nn.Module, data: Any, input_shap
         try:
             compress.apply(node, copy.deepcopy(model).cpu(), context, name)
         except ConfigError as error:  # a compressor names its own argument; the run names the key
-            message = str(error)
-            raise ConfigError(f"compress.{message}" if re.match(r"^[\w.]+=", message) else message) from None
+            raise ConfigError(under("compress", str(error))) from None
 
 
 def run(

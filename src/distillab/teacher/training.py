@@ -59,6 +59,7 @@ def scheduler_factory(optim: DictConfig) -> Any:
 def train(
     model: nn.Module,
     data: Any,
+    num_classes: int,
     recipe: DictConfig,
     fitting: training.Fitting,
     role: str,
@@ -66,8 +67,8 @@ def train(
     single_process: bool = False,
 ) -> dict[str, Any]:
     """Fit ``model`` with cross-entropy by ``recipe``; keep its best-on-validation epoch and return
-    its metrics (``best_epoch``, ``val``). It logs as ``role`` ("teacher", "teacher-<name>");
-    checkpoints go to ``staging``."""
+    its metrics (``best_epoch``, ``val`` over ``num_classes`` classes). It logs as ``role``
+    ("teacher", "teacher-<name>"); checkpoints go to ``staging``."""
     pl.seed_everything(int(recipe.seed), workers=True, verbose=False)
     optimizer, scheduler = instantiate(recipe.optim.optimizer), scheduler_factory(recipe.optim)
     module = ClassifierModule(model, CrossEntropy(), optimizer=optimizer, scheduler=scheduler)
@@ -79,7 +80,6 @@ def train(
     best_epoch = training.restore_best(module, fit)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     val_preds, val_targets = predict(model, data.val_dataloader(), module.device)
-    num_classes = int(getattr(data, "num_classes", 0) or int(val_targets.max()) + 1)
     metrics = {"best_epoch": best_epoch, "val": classification_metrics(val_preds, val_targets, num_classes)}
     loggers.finish(run_loggers, {"teacher/val_acc": metrics["val"]["acc"]})
     return metrics
@@ -89,16 +89,18 @@ def obtain(
     model: nn.Module,
     node: DictConfig,
     data: Any,
+    num_classes: int,
     data_node: DictConfig,
     cache_dir: str | Path,
     fitting: training.Fitting,
     role: str,
 ) -> cache.Teacher:
-    """The teacher of ``node`` (architecture, recipe, ``ckpt_path``) for ``data``: from its file, from
-    the cache, or trained now by its recipe (``cache.obtain``)."""
+    """The teacher of ``node`` (architecture, recipe, ``ckpt_path``) for ``data`` (``num_classes``
+    classes, configured by ``data_node``): from its file, from the cache, or trained now by its
+    recipe (``cache.obtain``)."""
 
     def fit(untrained: nn.Module, staging: Path, single_process: bool) -> dict[str, Any]:
-        return train(untrained, data, node.recipe, fitting, role, staging, single_process)
+        return train(untrained, data, num_classes, node.recipe, fitting, role, staging, single_process)
 
     identity = cache.identity(data_node, node, str(fitting.trainer.precision))
     return cache.obtain(
