@@ -1,7 +1,8 @@
 """``results.json``: one flat, stable record per run, written atomically.
 
 Schema (accuracies are fractions in [0, 1]; docs/results.md describes every field):
-    status, error?, config_hash, group, overrides, seed, dataset, method, compress,
+    status, error?, config_hash, setting_hashes {setting, without_distill, without_compress}, group,
+    overrides, seed, split_seed, dataset, method, compress, test_samples,
     teacher {arch, params, cache, cache_key, test {acc, f1, precision, recall}},
     student {arch, params, nonzero_params, size_bytes, macs, latency_ms {batch_1, batch_64},
              test {acc, f1, precision, recall, agreement}, val {acc}},
@@ -43,12 +44,41 @@ NOT_HASHED = ("paths", "logger", "callbacks", "rerun")
 
 
 def config_hash(cfg: DictConfig) -> str:
+    return _digest(_hashed(cfg))
+
+
+def _hashed(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         container.pop(key, None)
     container.get("trainer", {}).pop("enable_progress_bar", None)
+    return container
+
+
+def _digest(container: dict[str, Any]) -> str:
     blob = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_seed(cfg: DictConfig) -> int | None:
+    """The seed of the data split (``data.split_seed``); None for a datamodule without one."""
+    data = cfg.get("data")
+    value = data.get("split_seed") if isinstance(data, DictConfig) else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def setting_hashes(cfg: DictConfig) -> dict[str, str]:
+    """What the report pairs and merges jobs by, all without the replicate (``seed`` and
+    ``data.split_seed``): ``setting`` is the whole configuration, so jobs with the same one are
+    replicates of one setting (also across sweep folders); ``without_distill`` leaves out the
+    method and ``without_compress`` the compression, so jobs that share it differ in that part
+    alone and are compared replicate by replicate (``docs/sweeps.md``)."""
+    container = _hashed(cfg)
+    container.pop("seed", None)
+    if isinstance(container.get("data"), dict):
+        container["data"].pop("split_seed", None)
+    without = {f"without_{part}": {k: v for k, v in container.items() if k != part} for part in ("distill", "compress")}
+    return {"setting": _digest(container), **{key: _digest(rest) for key, rest in without.items()}}
 
 
 def group_of(overrides: list[str]) -> str:
@@ -173,9 +203,11 @@ def header(
     return {
         "status": "ok",
         "config_hash": config_hash(config),
+        "setting_hashes": setting_hashes(config),
         "group": group_of(overrides),
         "overrides": overrides,
         "seed": seed,
+        "split_seed": split_seed(config),
         "dataset": dataset,
         **labelled,
         "method": method,
@@ -203,7 +235,7 @@ def assemble(
     shape, classes = info.input_shape, info.num_classes
     data.setup("test")
     teacher_part, teacher_preds = teacher_block(teacher, data.test_dataloader(), classes, shape, how, outputs)
-    record = {**header, "teacher": teacher_part}
+    record = {**header, "test_samples": len(teacher_preds), "teacher": teacher_part}
     if teacher.members:
         record["teachers"] = [teacher_block(m, data.test_dataloader(), classes, shape, how)[0] for m in teacher.members]
     if student is not None:
