@@ -469,3 +469,38 @@ def test_every_relative_link_resolves(page):
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{page.name}:{number}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+# -- the report's command line ------------------------------------------------------------------
+REPORT_COMMAND = re.compile(r"(?:distillab-report|python -m distillab\.report)((?: [^`\n]*)?)")
+OPTIONAL = re.compile(r"\s*\[[^\]]*\]")
+
+
+def report_commands() -> list[tuple[str, list[str]]]:
+    """Every ``distillab-report ...`` (or ``python -m distillab.report ...``) a page shows with
+    arguments; an optional ``[...]`` part and a ``# comment`` are left out, and a ``<placeholder>``
+    stands for a folder."""
+    found = []
+    for page in PAGES:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for match in REPORT_COMMAND.finditer(line):
+                rest = OPTIONAL.sub("", re.sub(r"<[^<>]+>", "DIR", match.group(1).split(" #")[0])).strip()
+                if rest:
+                    found.append((f"{page.relative_to(ROOT)}:{number}", shlex.split(rest)))
+    return found
+
+
+def test_the_docs_show_report_commands() -> None:
+    shown = {where.split(":")[0] for where, _ in report_commands()}
+    assert {"README.md", "docs/sweeps.md"} <= shown
+
+
+@pytest.mark.parametrize(("where", "args"), report_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_report_command_shown_parses(where: str, args: list[str]) -> None:
+    from distillab import report
+
+    try:
+        parsed = report.parser().parse_args(args)
+    except SystemExit as exit:
+        pytest.fail(f"{where}: `distillab-report {' '.join(args)}` does not parse (exit {exit.code})")
+    assert len(parsed.sweep_dirs) == 1 or parsed.out is not None, f"{where}: several folders need --out"

@@ -5,6 +5,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from distillab import results
@@ -39,6 +40,15 @@ def test_multirun_trains_the_teacher_once_and_writes_the_report(tmp_path):
     assert {row["setting"] for row in students} == {"distill=none", "distill=kd"}
     assert all(row["n_seeds"] == "2" for row in students)
     assert any(row["role"] == "teacher" for row in rows)
+    # the two methods, paired by seed, in the comparisons the callback wrote
+    assert {r["split_seed"] for r in records} == {0} and {r["test_samples"] for r in records} == {270}
+    assert len({r["setting_hashes"]["without_distill"] for r in records}) == 1
+    (compared,) = list(csv.DictReader((sweep / "comparisons.csv").open()))
+    assert (compared["baseline"], compared["candidate"], compared["n_pairs"]) == ("distill=none", "distill=kd", "2")
+    by_setting = {row["setting"]: float(row["acc_mean"]) for row in students}
+    assert float(compared["diff_mean"]) == pytest.approx(by_setting["distill=kd"] - by_setting["distill=none"])
+    assert (sweep / "comparisons.md").read_text().count("one sample is 0.0037 accuracy") == 1
+    assert (sweep / "comparisons_forest.png").stat().st_size > 0
 
 
 def _obtain(out: str, cache: str, marker: str) -> str:

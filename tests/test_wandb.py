@@ -177,4 +177,8 @@ def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, 
         assert logged_row[index["role"]] == row["role"] and logged_row[index["n_seeds"]] == int(row["n_seeds"])
         assert logged_row[index["acc_mean"]] == pytest.approx(float(row["acc_mean"]))
     assert (files / image["path"]).read_bytes() == (sweep / "accuracy_vs_params.png").read_bytes()
+    # the paired comparisons too: one method over two seeds has nothing to compare, so no rows
+    compared = json.loads((files / step["comparisons"]["path"]).read_text())
+    assert compared["columns"] == report.COMPARISON_COLUMNS and compared["data"] == []
+    assert step["comparisons"]["_type"] == "table-file" and step["comparisons_forest"]["_type"] == "image-file"
     assert "wandb sync" in result.stdout + result.stderr

@@ -126,11 +126,12 @@ def finish(loggers: list[Logger], summary: dict[str, Any] | None = None) -> None
 
 
 def log_sweep_summary(
-    conf: DictConfig, sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]], plot: Path
+    conf: DictConfig, sweep_dir: Path, tables: dict[str, tuple[list[str], list[dict[str, Any]]]], images: list[Path]
 ) -> Path:
-    """One more wandb run in the sweep's group (job type ``sweep-summary``) with the summary table
-    and the accuracy plot, so the project page compares the sweep's settings without custom panels.
-    Offline without an API key, like the jobs; returns the run's folder."""
+    """One more wandb run in the sweep's group (job type ``sweep-summary``) with the report's
+    ``tables`` (name -> columns and rows: the summary and the paired comparisons) and its
+    ``images`` (logged under their file stems), so the project page compares the sweep's settings
+    without custom panels. Offline without an API key, like the jobs; returns the run's folder."""
     import wandb
 
     offline = wandb_offline(conf)
@@ -148,12 +149,16 @@ def log_sweep_summary(
         tags=["sweep-summary"],
         config={"sweep_dir": str(sweep_dir)},
     )
-    table = wandb.Table(
-        columns=columns,
-        allow_mixed_types=True,
-        data=[[_table_cell(row.get(column)) for column in columns] for row in rows],
-    )
-    run.log({"summary": table, plot.stem: wandb.Image(str(plot))})
+    logged: dict[str, Any] = {
+        name: wandb.Table(
+            columns=columns,
+            allow_mixed_types=True,
+            data=[[_table_cell(row.get(column)) for column in columns] for row in rows],
+        )
+        for name, (columns, rows) in tables.items()
+    }
+    logged.update({image.stem: wandb.Image(str(image)) for image in images})
+    run.log(logged)
     directory = Path(run.dir).parent
     run.finish()
     if offline:
