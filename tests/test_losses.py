@@ -75,7 +75,7 @@ def test_pure_distillation_ignores_labels():
 
 def test_loss_modules_return_named_terms():
     s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    kd = KD(lam=0.5, temperature=2.0)(s, t, y)
+    kd = KD(lam=0.5, temperature=2.0, standardize=False)(s, t, y)
     assert set(kd) == {"ce", "kd", "loss"}
     assert kd["loss"].item() == pytest.approx((kd["ce"] + kd["kd"]).item())
     ce = CrossEntropy()(s, None, y)
@@ -91,6 +91,6 @@ def test_kd_module_takes_the_configured_values():
 @pytest.mark.parametrize("kwargs", [{"lam": 1.5}, {"lam": -0.1}, {"temperature": 0.0}])
 def test_kd_loss_module_rejects_bad_weights(kwargs):
     with pytest.raises(ValueError):  # a ConfigError naming the key, in one line
-        KD(**{"lam": 0.5, "temperature": 2.0, **kwargs})
+        KD(**{"lam": 0.5, "temperature": 2.0, "standardize": False, **kwargs})
     with pytest.raises(ConfigError, match=rf"^{next(iter(kwargs))}=\S+ is not allowed: [^\n]+$"):
-        KD(**{"lam": 0.5, "temperature": 2.0, **kwargs})
+        KD(**{"lam": 0.5, "temperature": 2.0, "standardize": False, **kwargs})

@@ -1,7 +1,8 @@
-"""Distillation methods (FitNet, AT, SP, RKD, PKT, DKD) against independent computations: closed
-forms on hand-chosen inputs, and explicit loops over samples, pairs, triplets and classes in
-float64 numpy. Then gradient flow, layer binding on zoo and library models, the settings each
-method declares against the values of its ``conf/distill`` YAML, and one short digits run per method."""
+"""Distillation methods (FitNet, AT, SP, RKD, PKT, DKD; the newer ones have test files of their
+own) against independent computations: closed forms on hand-chosen inputs, and explicit loops over
+samples, pairs, triplets and classes in float64 numpy. Then gradient flow, layer binding on zoo and
+library models, the settings each method declares against the values of its ``conf/distill`` YAML,
+and one short digits run per method."""
 
 from __future__ import annotations
 
@@ -24,13 +25,19 @@ from distillab.distill.hooks import FeatureTaps
 from distillab.distill.labels import UNLABELLED
 from distillab.distill.methods.at import AttentionTransfer, at_loss
 from distillab.distill.methods.base import is_feature_method
+from distillab.distill.methods.crd import CRD
+from distillab.distill.methods.dist import DIST
 from distillab.distill.methods.dkd import DecoupledKD, dkd_parts, dkd_warmup
 from distillab.distill.methods.fitnet import FitNet, Regressor, hint_loss
 from distillab.distill.methods.kd import KD, soft_kl
 from distillab.distill.methods.none import CrossEntropy
+from distillab.distill.methods.nst import NST
+from distillab.distill.methods.ofd import OFD
 from distillab.distill.methods.pkt import ProbabilisticTransfer, pkt_loss
+from distillab.distill.methods.reviewkd import ReviewKD
 from distillab.distill.methods.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss
 from distillab.distill.methods.sp import SimilarityPreserving, sp_loss
+from distillab.distill.methods.vid import VID
 from distillab.models import CNN, MLP, resnet8, torchvision_model, vgg8, wrn_16_1
 from distillab.settings import ConfigError
 
@@ -340,7 +347,9 @@ def test_dkd_loss_terms_weights_and_warmup():
     loops = [_dkd_loop(a, b, c, temperature) for a, b, c in zip(STUDENT, TEACHER, TARGETS)]
     tckd, nckd = sum(x for x, _ in loops) / 3, sum(x for _, x in loops) / 3
     ce = -sum(math.log(_softmax(a, 1.0)[c]) for a, c in zip(STUDENT, TARGETS)) / 3
-    loss = DecoupledKD(ce_weight=0.5, alpha=alpha, beta=beta, temperature=temperature, warmup_epochs=4)
+    loss = DecoupledKD(
+        ce_weight=0.5, alpha=alpha, beta=beta, temperature=temperature, warmup_epochs=4, standardize=False
+    )
     assert loss.temperature == temperature
     for epoch, w in ((0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)):
         loss.on_epoch_start(epoch)
@@ -350,7 +359,9 @@ def test_dkd_loss_terms_weights_and_warmup():
         assert terms["nckd"].item() == pytest.approx(w * beta * temperature**2 * nckd, rel=1e-5)
         assert terms["loss"].item() == pytest.approx(sum(terms[k].item() for k in ("ce", "tckd", "nckd")), rel=1e-6)
     assert [dkd_warmup(e, 0) for e in (0, 5)] == [1.0, 1.0]  # no warm-up
-    assert _method("dkd", warmup_epochs=0)(s, t, y)["tckd"].item() == pytest.approx(16 * tckd, rel=1e-5, abs=1e-5)
+    assert _method("dkd", warmup_epochs=0, standardize=False)(s, t, y)["tckd"].item() == pytest.approx(
+        16 * tckd, rel=1e-5, abs=1e-5
+    )
 
 
 def test_dkd_unlabelled_samples_take_the_teachers_class():
@@ -361,7 +372,9 @@ def test_dkd_unlabelled_samples_take_the_teachers_class():
     assert teacher_class[0] != student_class[0]  # the sample tells whose prediction is taken
     loops = [_dkd_loop(STUDENT[i], TEACHER[i], teacher_class[i], 4.0) for i in (0, 2)]
     loops.append(_dkd_loop(STUDENT[1], TEACHER[1], 2, 4.0))
-    terms = DecoupledKD(ce_weight=1.0, alpha=1.0, beta=1.0, temperature=4.0, warmup_epochs=0)(s, t, y)
+    terms = DecoupledKD(ce_weight=1.0, alpha=1.0, beta=1.0, temperature=4.0, warmup_epochs=0, standardize=False)(
+        s, t, y
+    )
     assert terms["ce"].item() == pytest.approx(-math.log(_softmax(STUDENT[1], 1.0)[2]), rel=1e-5)  # labelled only
     assert terms["tckd"].item() == pytest.approx(16 * sum(x for x, _ in loops) / 3, rel=1e-5, abs=1e-5)
     assert terms["nckd"].item() == pytest.approx(16 * sum(x for _, x in loops) / 3, rel=1e-5)
@@ -524,6 +537,12 @@ CLASSES = {
     "rkd": RelationalKD,
     "pkt": ProbabilisticTransfer,
     "dkd": DecoupledKD,
+    "vid": VID,
+    "nst": NST,
+    "ofd": OFD,
+    "reviewkd": ReviewKD,
+    "crd": CRD,
+    "dist": DIST,
 }
 
 

@@ -45,7 +45,7 @@ def _teacher() -> nn.Module:
 def _fit(tmp_path: Path, teacher: nn.Module) -> tuple[DistillationModule, TeacherWatch, pl.Trainer]:
     data = conf.build("data", "synthetic", input_shape=[1, 4, 4], num_classes=4, num_samples=200, batch_size=32)
     student = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-    module = DistillationModule(student, teacher, KD(lam=0.5, temperature=2.0))
+    module = DistillationModule(student, teacher, KD(lam=0.5, temperature=2.0, standardize=False))
     watch = TeacherWatch()
     trainer = quiet_trainer(2, tmp_path, [watch], enable_checkpointing=True)
     trainer.fit(module, datamodule=data)
@@ -85,7 +85,7 @@ def test_teacher_not_in_optimizer_nor_checkpoint(tmp_path):
 
 def test_module_train_call_cannot_unfreeze_teacher():
     teacher = _teacher()
-    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0))
+    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0, standardize=False))
     module.train()
     assert not any(m.training for m in teacher.modules())
     assert module.student.training
@@ -93,7 +93,7 @@ def test_module_train_call_cannot_unfreeze_teacher():
 
 def test_teacher_follows_module_device_and_dtype():
     teacher = _teacher()
-    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0))
+    module = DistillationModule(nn.Linear(16, 4), teacher, KD(lam=0.5, temperature=2.0, standardize=False))
     module.double()
     assert all(p.dtype == torch.float64 for p in teacher.parameters())
 
@@ -108,7 +108,7 @@ class RecordingLoss(nn.Module):
 
     def __init__(self, nan_at: int | None = None) -> None:
         super().__init__()
-        self.inner = KD(lam=0.5, temperature=2.0)
+        self.inner = KD(lam=0.5, temperature=2.0, standardize=False)
         self.nan_at = nan_at
         self.steps: list[dict] = []
 
@@ -191,7 +191,7 @@ def test_optimizer_steps_skip_the_nvml_check_only_without_a_gpu(tmp_path):
 
 
 def test_module_attributes_still_register_parameters_and_submodules():
-    module = DistillationModule(nn.Linear(16, 4), _teacher(), KD(lam=0.5, temperature=2.0))
+    module = DistillationModule(nn.Linear(16, 4), _teacher(), KD(lam=0.5, temperature=2.0, standardize=False))
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
     module.head = nn.Linear(4, 2)

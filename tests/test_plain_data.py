@@ -320,22 +320,22 @@ def test_the_cached_table_equals_the_live_teachers_logits(tmp_path, caplog):
     ready(data)
     teacher = Teach().eval()
     with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
-        taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0))
+        taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "cached" and taught.source == "miss" and taught.table.shape == (120, 3)
     assert "teacher outputs: cached: the training inputs are deterministic (Plain's training set is map-style" in (
         caplog.text
     )
     with torch.no_grad():
         torch.testing.assert_close(taught.table, teacher(data.x), rtol=0, atol=1e-6)
-    live = DistillationModule(nn.Linear(16, 3), teacher, KD(0.5, 4.0))
-    cached = DistillationModule(nn.Linear(16, 3), None, KD(0.5, 4.0), teacher_table=taught.table)
+    live = DistillationModule(nn.Linear(16, 3), teacher, KD(0.5, 4.0, False))
+    cached = DistillationModule(nn.Linear(16, 3), None, KD(0.5, 4.0, False), teacher_table=taught.table)
     loader = adapter.fit_arguments(data, indexed=True)["train_dataloaders"]
     for x, _, index in loader:
         with torch.no_grad():
             torch.testing.assert_close(
                 cached.teacher_logits(x, index), live.teacher_logits(x, index), rtol=0, atol=1e-6
             )
-    again = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "hit", tmp_path), data, KD(0.5, 4.0))
+    again = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "hit", tmp_path), data, KD(0.5, 4.0, False))
     assert again.source == "hit" and torch.equal(again.table, taught.table)
     assert adapter.fit_arguments(data, indexed=False) == {"datamodule": data}
 
@@ -357,13 +357,13 @@ def test_where_a_table_cannot_stand_in_the_teacher_runs_live_and_the_log_says_wh
     calls: list[int] = []
     teacher.register_forward_hook(lambda *args: calls.append(1))
     with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
-        taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0))
+        taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "live" and taught.table is None and not calls
     assert f"teacher outputs: live: {reason}" in caplog.text
     assert len([r for r in caplog.records if r.message.startswith("teacher outputs:")]) == 1
     cached = outputs.OutputSettings(cache="cached", dtype="float32", top_k=None)
     with pytest.raises(ConfigError, match=r"^teacher_outputs.cache=cached is not allowed here: "):
-        outputs.decide(cached, data, KD(0.5, 4.0))
+        outputs.decide(cached, data, KD(0.5, 4.0, False))
 
 
 def test_inputs_that_change_between_passes_are_never_stored(tmp_path, caplog):
@@ -379,7 +379,7 @@ def test_inputs_that_change_between_passes_are_never_stored(tmp_path, caplog):
     ready(data)
     data.train_set = EveryOtherPass(data.x, data.y)  # the probe reads 8 samples, then two passes of 120 follow
     with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
-        taught = outputs.for_run(AUTO, "cpu", Teacher(Teach(), "key", "miss", tmp_path), data, KD(0.5, 4.0))
+        taught = outputs.for_run(AUTO, "cpu", Teacher(Teach(), "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "live" and "teacher outputs: live: two passes over the training set gave different" in (
         caplog.text
     )

@@ -336,7 +336,10 @@ def test_qat_trains_with_lightning(cnn, digits):
 
     def finetune(model, epochs, on_epoch_start=None):
         module = DistillationModule(
-            model, copy.deepcopy(cnn), KD(lam=0.5, temperature=2.0), optimizer=partial(torch.optim.Adam, lr=1e-4)
+            model,
+            copy.deepcopy(cnn),
+            KD(lam=0.5, temperature=2.0, standardize=False),
+            optimizer=partial(torch.optim.Adam, lr=1e-4),
         )
         trainer = pl.Trainer(
             accelerator="cpu",

@@ -32,7 +32,7 @@ def synthetic(**overrides) -> SyntheticDataModule:
 
 
 def KDLoss(lam: float = 0.5, temperature: float = 2.0) -> KD:  # noqa: N802 - the method, with test values
-    return KD(lam=lam, temperature=temperature)
+    return KD(lam=lam, temperature=temperature, standardize=False)
 
 
 class JitteredSynthetic(SyntheticDataModule):

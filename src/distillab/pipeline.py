@@ -138,7 +138,8 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
     example = adapter.example(data)
     if method_contract.is_feature_method(method):
         # layers are resolved and regressors built from one batch now: a wrong path fails first
-        method.bind(student, teacher if method_contract.needs_teacher(method) else None, example)
+        size = adapter.train_size(data) if method_contract.needs_index(method) else None
+        method.bind(student, teacher if method_contract.needs_teacher(method) else None, example, train_size=size)
     method_contract.check_method(method, student, teacher, example)
     outputs.decide(_settings(outputs.OutputSettings, cfg.teacher_outputs), data, method)
     if init_from_teacher:
@@ -177,7 +178,8 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
             parts.student, live, parts.method, teacher_table=taught.table, optimizer=optimizer, scheduler=scheduler
         )
         fit, run_loggers = fitting.trainer_for("student", parts.out / "checkpoints", int(cfg.trainer.max_epochs))
-        fit.fit(module, **adapter.fit_arguments(parts.data, indexed=taught.table is not None))
+        indexed = taught.table is not None or method_contract.needs_index(parts.method)
+        fit.fit(module, **adapter.fit_arguments(parts.data, indexed=indexed))
         student, best_epoch = parts.student, training.restore_best(module, fit)
         timing["student"] = time.perf_counter() - tick
     if not job.is_rank_zero():

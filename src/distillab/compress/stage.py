@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distillab import compress, training
-from distillab.distill.methods.base import is_feature_method, needs_teacher
+from distillab.data import adapter
+from distillab.distill.methods.base import is_feature_method, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
 from distillab.settings import ConfigError, under
 
@@ -118,14 +119,17 @@ def finetune_with_teacher(
     teacher = copy.deepcopy(teacher) if needs_teacher(method) else None
     if is_feature_method(method):
         example = next(iter(data.train_dataloader()))[0][:8]
-        method.bind(model, teacher, example.to(next(model.parameters()).device), same_architecture=True)
+        size = adapter.train_size(data) if needs_index(method) else None
+        method.bind(
+            model, teacher, example.to(next(model.parameters()).device), same_architecture=True, train_size=size
+        )
     module = DistillationModule(model, teacher, method, optimizer=instantiate(finetuning.optim.optimizer))
     hooks = [_EpochStart(on_epoch_start)] if on_epoch_start is not None else []
     # in one process: a pruning schedule's closure and QAT observers cannot be sent to spawned
     # DDP workers, and fine-tuning is short
     trainer, _ = finetuning.fitting.trainer_for(None, None, epochs, extra=hooks, single_process=True)
     module.train()  # Lightning keeps the mode it is given; the model arrives in eval mode
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, **adapter.fit_arguments(data, indexed=needs_index(method)))
     model.cpu().eval()
 
 

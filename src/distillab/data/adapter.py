@@ -275,6 +275,17 @@ class InputsInOrder:
             yield batch[0]
 
 
+def train_size(data: Any) -> int | None:
+    """The number of training samples, or None when the training set is not map-style."""
+    if serves_indices(data):
+        return len(data.splits["train"][0])
+    dataset = getattr(data.train_dataloader(), "dataset", None)
+    try:
+        return len(dataset) if dataset is not None and not isinstance(dataset, IterableDataset) else None
+    except TypeError:
+        return None
+
+
 def training_inputs(data: Any) -> Tensor | InputsInOrder:
     """The training inputs, row ``i`` (or the ``i``-th sample of the passes) for sample index ``i``."""
     if serves_indices(data):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from distillab.distill.hooks import FeatureTaps
 from distillab.distill.labels import UNLABELLED
-from distillab.distill.methods.base import is_feature_method, needs_teacher, on_epoch_start
+from distillab.distill.methods.base import is_feature_method, needs_index, needs_teacher, on_epoch_start
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler
@@ -304,8 +304,9 @@ class DistillationModule(ClassifierModule):
         student_taps, teacher_taps = self._taps
         with torch.no_grad():
             teacher_logits = self._teacher(x)  # the live teacher: its features are needed too
+        extra = {"index": index} if needs_index(self.loss) else {}
         return self.loss(
-            logits, teacher_logits, y, student_feats=student_taps.take(), teacher_feats=teacher_taps.take()
+            logits, teacher_logits, y, student_feats=student_taps.take(), teacher_feats=teacher_taps.take(), **extra
         )
 
     def __getstate__(self) -> dict:

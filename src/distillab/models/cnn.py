@@ -12,10 +12,12 @@ Dropout = Annotated[float, Range(0, 1, high_open=True, what="a probability", not
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    # The ReLU is not in-place, so a hook on its input (``stages.i.1.2:in``) reads the pre-activation
+    # BN output, which distill=ofd distils; it has no state, so parameters and state_dict are as before.
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
     )
 
 
@@ -26,7 +28,8 @@ class CNN(nn.Module):
     Stage ``i`` has ``width * 2**i`` channels and halves the spatial size with a max-pool
     while the map is larger than 1×1, so 8×8 digits and 32×32 CIFAR images both fit; global
     average pooling then feeds a linear classifier. Stages are ``stages.0``, ``stages.1``, …
-    for feature hooks.
+    for feature hooks; ``stages.i.1.2`` is the stage's last ReLU, whose input (``stages.i.1.2:in``)
+    is the pre-activation output of the BN ``stages.i.1.1``.
     """
 
     def __init__(

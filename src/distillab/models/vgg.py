@@ -9,7 +9,8 @@ ICLR 2020; Zhao et al., CVPR 2022) add the shallow VGG-8 (one conv per stage, wi
 globally and replace the three fully connected layers by a single ``Linear(512, classes)``.
 
 Module paths for feature hooks: ``block0`` … ``block4`` (conv-BN-ReLU stacks; outputs are
-activated feature maps, the pre-activation is the output of the block's last BN),
+activated feature maps, the pre-activation is the output of the block's last BN, which is also
+the input of its last ReLU, e.g. ``block0.2:in``: the ReLUs are not in-place),
 ``pool0`` … ``pool3`` (max-pools, ``nn.Identity`` when skipped), ``pool`` (global average
 pooling + flatten) and ``classifier``.
 """
@@ -54,10 +55,11 @@ class VGG(nn.Module):
         for i, stage in enumerate(VGG_CONFIGS[depth]):
             layers: list[nn.Module] = []
             for c_out in stage:
+                # not in-place: the input of a block's last ReLU is the pre-activation a hook reads
                 layers += [
                     nn.Conv2d(channels, c_out, 3, padding=1),
                     nn.BatchNorm2d(c_out),
-                    nn.ReLU(inplace=True),
+                    nn.ReLU(),
                 ]
                 channels = c_out
             self.add_module(f"block{i}", nn.Sequential(*layers))

@@ -10,7 +10,9 @@ benchmarks (Tian et al., ICLR 2020; Zhao et al., CVPR 2022).
 Module paths for feature hooks: ``stem`` (a bare conv: pre-activation design),
 ``layer1``, ``layer2``, ``layer3`` (``nn.Sequential`` of :class:`WideBasicBlock`; their outputs
 are pre-activation sums), ``bn`` and ``relu`` (final BN-ReLU, the output of ``relu`` is the
-last activated feature map), ``pool`` (global average pooling + flatten) and ``fc``.
+last activated feature map, its input ``relu:in`` the BN output before it), ``pool`` (global
+average pooling + flatten) and ``fc``. The BN-ReLU that opens stages 2 and 3 reads the previous
+stage's output: ``layer2.0.relu1:in`` is ``layer2.0.bn1`` applied to the output of ``layer1``.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class WideResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.bn = nn.BatchNorm2d(c_in)
-        self.relu = nn.ReLU(inplace=True)
+        # Not in-place: its input, the final BN's output, is the last pre-activation feature map.
+        self.relu = nn.ReLU()
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, num_classes)
         init_conv_bn(self, zero_linear_bias=True)

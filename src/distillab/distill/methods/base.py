@@ -16,7 +16,14 @@ train with the student and are counted apart from it) and returns its own weight
 
     loss = (1 − kd.lam)·CE(y, s) + kd.lam·T²·KL(softmax(t/T) ‖ softmax(s/T)) + feature terms
 
-**Settings** of either kind are the typed parameters of its constructor (``distillab.settings``);
+**A co-training method** (``cotrains = True``) trains several models together from scratch, none
+of them a frozen teacher: ``peer_roles`` names each peer's architecture (``"student"`` or
+``"teacher"``: the run's student or teacher architecture, freshly initialised; peer 0 is the
+student that is kept) and ``forward(logits, targets)`` gets the list of the peers' logits and
+returns the named terms of all of them, total under ``"loss"`` (``dml``, ``online``);
+``finetune_method()`` gives the logit method that compression fine-tunes its student with.
+
+**Settings** of any kind are the typed parameters of its constructor (``distillab.settings``);
 their values are in ``conf/distill/<name>.yaml``.
 """
 
@@ -43,6 +50,29 @@ def needs_teacher(method: nn.Module) -> bool:
 
 def is_feature_method(method: nn.Module) -> bool:
     return isinstance(method, FeatureMethod)
+
+
+def cotrains(method: nn.Module) -> bool:
+    """Whether the method trains its peers together, with no pre-trained teacher (``dml``, ``online``)."""
+    return bool(getattr(method, "cotrains", False))
+
+
+def peer_roles(method: nn.Module) -> list[str]:
+    """The architecture of each peer of a co-training method, by role: peer 0 is the student."""
+    return [str(role) for role in getattr(method, "peer_roles", ["student"])]
+
+
+def for_finetuning(method: nn.Module) -> nn.Module:
+    """The method compression fine-tunes with, against the uncompressed model: the method itself,
+    or for a co-training method its ``finetune_method()``, the loss its student had with the
+    other peers held fixed (their role taken by the uncompressed model)."""
+    return method.finetune_method() if cotrains(method) else method
+
+
+def needs_index(method: nn.Module) -> bool:
+    """Whether the method reads each training sample's index (CRD's memory bank): the training
+    batches are then ``(x, y, index)`` (``data.adapter.fit_arguments``)."""
+    return bool(getattr(method, "needs_index", False))
 
 
 def temperature(method: nn.Module) -> float:
@@ -78,12 +108,17 @@ def check_method(method: nn.Module, student: nn.Module, teacher: nn.Module, exam
     returns must be terms by name (``check_terms``). Models and random state are left as they were."""
     if is_feature_method(method):
         return  # its terms are checked at the first step, with that step's features
+    targets = torch.zeros(len(example), dtype=torch.long)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         modes = student.training, teacher.training
         student.eval(), teacher.eval()
         try:
-            teacher_logits = teacher(example) if needs_teacher(method) else None
-            terms = method(student(example), teacher_logits, torch.zeros(len(example), dtype=torch.long))
+            if cotrains(method):
+                models = {"student": student, "teacher": teacher}
+                terms = method([models[role](example) for role in peer_roles(method)], targets)
+            else:
+                teacher_logits = teacher(example) if needs_teacher(method) else None
+                terms = method(student(example), teacher_logits, targets)
         finally:
             student.train(modes[0]), teacher.train(modes[1])
     check_terms(terms, method)
@@ -131,6 +166,9 @@ class FeatureMethod(nn.Module, abc.ABC):
     """
 
     default_layers: ClassVar[str] = "last"
+    #: True: ``feature_terms`` also gets ``index``, the training samples' indices (a memory bank
+    #: of the training set, sized from ``self.train_size`` in ``build``)
+    needs_index: ClassVar[bool] = False
     #: config keys of the layers, for messages: ``student_layer`` for methods that read one layer
     student_key: ClassVar[str] = "distill.student_layers"
     teacher_key: ClassVar[str] = "distill.teacher_layers"
@@ -152,13 +190,26 @@ class FeatureMethod(nn.Module, abc.ABC):
         self.student_layers, self.teacher_layers = as_paths(student_layers), as_paths(teacher_layers)
         self.student_paths: list[str] = []
         self.teacher_paths: list[str] = []
+        self.train_size: int | None = None
 
     def bind(
-        self, student: nn.Module, teacher: nn.Module | None, example: Tensor, same_architecture: bool = False
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        example: Tensor,
+        same_architecture: bool = False,
+        train_size: int | None = None,
     ) -> None:
         """Resolve the layers of this student/teacher pair and build the method's own modules from
         the shapes they give on ``example``. ``same_architecture``: the teacher is the student's
-        uncompressed copy (compression fine-tuning), so the student's paths serve both."""
+        uncompressed copy (compression fine-tuning), so the student's paths serve both.
+        ``train_size``: the number of training samples, for a method that ``needs_index``."""
+        if self.needs_index and not train_size:
+            raise ConfigError(
+                f"distill: {type(self).__name__} keeps one entry per training sample and needs a map-style "
+                "training set whose size is known"
+            )
+        self.train_size = int(train_size) if train_size else None
         if teacher is None:
             raise ConfigError(f"distill: {type(self).__name__} reads the teacher's features and needs a teacher")
         student_paths = self.student_layers or default_paths(student, self.default_layers, self.student_key)
@@ -186,7 +237,8 @@ class FeatureMethod(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def feature_terms(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> dict[str, Tensor]:
-        """The method's own weighted terms; teacher features arrive detached."""
+        """The method's own weighted terms; teacher features arrive detached. A method that
+        ``needs_index`` takes a third argument, ``index``: the batch's training-sample indices."""
 
     def forward(
         self,
@@ -195,11 +247,18 @@ class FeatureMethod(nn.Module, abc.ABC):
         targets: Tensor,
         student_feats: Sequence[Tensor] = (),
         teacher_feats: Sequence[Tensor] = (),
+        index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if teacher_logits is None:
             teacher_logits = student_logits.detach()  # only read when lam > 0, which needs a teacher
         terms = kd_terms(student_logits, teacher_logits, targets, self.lam, self.temperature)
-        terms.update(self.feature_terms(student_feats, [f.detach() for f in teacher_feats]))
+        teacher_feats = [f.detach() for f in teacher_feats]
+        if self.needs_index:
+            if index is None:
+                raise ValueError(f"{type(self).__name__} needs (x, y, index) training batches")
+            terms.update(self.feature_terms(student_feats, teacher_feats, index))  # type: ignore[call-arg]
+        else:
+            terms.update(self.feature_terms(student_feats, teacher_feats))
         terms["loss"] = sum(terms.values())
         return terms
 

@@ -6,6 +6,10 @@ TCKD the KL between the binary target/non-target distributions of teacher and st
 KL among the non-target classes alone, both at temperature T; w = min((epoch + 1)/warmup_epochs, 1)
 with 0-based epochs (1 when warmup_epochs = 0). Per sample, KD = TCKD + (1 − p_target^teacher)·NCKD
 (the paper's equation 4): DKD weighs the two parts apart.
+
+``standardize`` (Sun et al., CVPR 2024): the student's and the teacher's logits are each z-scored
+per sample (``kd.standardize_logits``) before TCKD and NCKD; the cross-entropy stays on the raw
+logits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillab.distill.labels import UNLABELLED, labelled_cross_entropy
+from distillab.distill.methods.kd import standardize_logits
 from distillab.settings import Range, Temperature, Weight, checked
 
 #: the length of the warm-up of the DKD terms
@@ -80,14 +85,22 @@ class DecoupledKD(nn.Module):
     (``dkd_parts``), w = ``dkd_warmup(epoch, warmup_epochs)`` set at each epoch start. A sample
     without a label (target ``UNLABELLED``, see ``distill.labels``) is left out of the
     cross-entropy, and TCKD/NCKD take the teacher's predicted class as its target class.
+    ``standardize``: TCKD and NCKD read the z-scored logits of each sample (Sun et al., CVPR 2024).
     """
 
     def __init__(
-        self, ce_weight: Weight, alpha: Weight, beta: Weight, temperature: Temperature, warmup_epochs: WarmupEpochs
+        self,
+        ce_weight: Weight,
+        alpha: Weight,
+        beta: Weight,
+        temperature: Temperature,
+        warmup_epochs: WarmupEpochs,
+        standardize: bool,
     ) -> None:
         super().__init__()
         self.ce_weight, self.alpha, self.beta = float(ce_weight), float(alpha), float(beta)
         self.temperature, self.warmup_epochs = float(temperature), int(warmup_epochs)
+        self.standardize = bool(standardize)
         self.warmup = dkd_warmup(0, self.warmup_epochs)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -100,7 +113,10 @@ class DecoupledKD(nn.Module):
         zero = student_logits.new_zeros(())
         ce = self.ce_weight * labelled_cross_entropy(student_logits, targets) if self.ce_weight > 0 else zero
         kd_targets = torch.where(labelled, targets, teacher_logits.argmax(dim=1))
-        tckd, nckd = dkd_parts(student_logits, teacher_logits, kd_targets, self.temperature)
+        student, teacher = student_logits, teacher_logits
+        if self.standardize:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        tckd, nckd = dkd_parts(student, teacher, kd_targets, self.temperature)
         scale = self.warmup * self.temperature**2
         terms = {"ce": ce, "tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}
         terms["loss"] = terms["ce"] + terms["tckd"] + terms["nckd"]
@@ -109,5 +125,5 @@ class DecoupledKD(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"ce_weight={self.ce_weight}, alpha={self.alpha}, beta={self.beta}, "
-            f"temperature={self.temperature}, warmup_epochs={self.warmup_epochs}"
+            f"temperature={self.temperature}, warmup_epochs={self.warmup_epochs}, standardize={self.standardize}"
         )

@@ -6,6 +6,11 @@ with λ = ``lam`` in [0, 1] and T = ``temperature`` > 0. λ = 0 is plain cross-e
 distillation from the teacher's soft targets; the T² keeps the soft-target gradients on the
 same scale as the hard-target ones when T changes. The feature methods add their own terms to
 these two (``base.FeatureMethod``).
+
+``standardize`` (Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation"):
+the student's and the teacher's logits are each z-scored per sample over the classes,
+(z − mean_c z)/(std_c z + 1e-7) with the sample standard deviation (C − 1 in the denominator),
+before the softmax at T of the KD term; the cross-entropy stays on the raw logits and T² is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +27,19 @@ from distillab.settings import Range, Temperature, checked
 Lam = Annotated[float, Range(0, 1, what="a weight", note="0 = cross-entropy only, 1 = soft targets only")]
 
 
+#: added to the standard deviation of a sample's logits when they are standardised
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
+    """Each row z-scored over the classes: (z − mean_c z)/(std_c z + eps), std the sample standard
+    deviation (divided by C − 1), as in the code of Sun et al. (CVPR 2024). The result does not
+    change when a constant is added to a row or the row is scaled by a positive factor."""
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True)
+    return (logits - mean) / (std + eps)
+
+
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
@@ -31,37 +49,62 @@ def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 
 
 def kd_terms(
-    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, lam: float, temperature: float
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    lam: float,
+    temperature: float,
+    *,
+    standardize: bool = False,
 ) -> dict[str, Tensor]:
     """The weighted terms ``ce`` = (1 − λ)·CE(y, s) and ``kd`` = λ·T²·KL(softmax(t/T) ‖ softmax(s/T)).
 
     A term whose weight is zero is not computed (so λ = 1 needs no labels). CE averages over
     the labelled samples only (targets ``UNLABELLED`` have none), KL over all of them.
+    ``standardize``: s and t are replaced by ``standardize_logits`` of each in the KL term only.
     """
     zero = student_logits.new_zeros(())
     ce = (1.0 - lam) * labelled_cross_entropy(student_logits, targets) if lam < 1 else zero
-    kd = lam * temperature**2 * soft_kl(student_logits, teacher_logits.detach(), temperature) if lam > 0 else zero
+    if lam > 0:
+        student, teacher = student_logits, teacher_logits.detach()
+        if standardize:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        kd = lam * temperature**2 * soft_kl(student, teacher, temperature)
+    else:
+        kd = zero
     return {"ce": ce, "kd": kd}
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, lam: float, temperature: float) -> Tensor:
-    """(1 − λ)·CE(y, s) + λ·T²·KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch."""
-    terms = kd_terms(student_logits, teacher_logits, targets, lam, temperature)
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    lam: float,
+    temperature: float,
+    *,
+    standardize: bool = False,
+) -> Tensor:
+    """(1 − λ)·CE(y, s) + λ·T²·KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch (``kd_terms``)."""
+    terms = kd_terms(student_logits, teacher_logits, targets, lam, temperature, standardize=standardize)
     return terms["ce"] + terms["kd"]
 
 
 @checked
 class KD(nn.Module):
-    """Hinton KD with weight λ = ``lam`` and temperature T = ``temperature``; logs ``ce`` and ``kd``."""
+    """Hinton KD with weight λ = ``lam`` and temperature T = ``temperature``; logs ``ce`` and ``kd``.
+    ``standardize``: z-score each sample's student and teacher logits before the KD term (Sun et
+    al., CVPR 2024; ``standardize_logits``)."""
 
-    def __init__(self, lam: Lam, temperature: Temperature) -> None:
+    def __init__(self, lam: Lam, temperature: Temperature, standardize: bool) -> None:
         super().__init__()
-        self.lam, self.temperature = float(lam), float(temperature)
+        self.lam, self.temperature, self.standardize = float(lam), float(temperature), bool(standardize)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        terms = kd_terms(student_logits, teacher_logits, targets, self.lam, self.temperature)
+        terms = kd_terms(
+            student_logits, teacher_logits, targets, self.lam, self.temperature, standardize=self.standardize
+        )
         terms["loss"] = terms["ce"] + terms["kd"]
         return terms
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam}, temperature={self.temperature}"
+        return f"lam={self.lam}, temperature={self.temperature}, standardize={self.standardize}"
