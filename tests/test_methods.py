@@ -28,11 +28,13 @@ from distillab.distill.methods.base import is_feature_method
 from distillab.distill.methods.crd import CRD
 from distillab.distill.methods.dist import DIST
 from distillab.distill.methods.dkd import DecoupledKD, dkd_parts, dkd_warmup
+from distillab.distill.methods.dml import DeepMutualLearning
 from distillab.distill.methods.fitnet import FitNet, Regressor, hint_loss
 from distillab.distill.methods.kd import KD, soft_kl
 from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.methods.nst import NST
 from distillab.distill.methods.ofd import OFD
+from distillab.distill.methods.online import OnlineKD
 from distillab.distill.methods.pkt import ProbabilisticTransfer, pkt_loss
 from distillab.distill.methods.reviewkd import ReviewKD
 from distillab.distill.methods.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss
@@ -543,6 +545,8 @@ CLASSES = {
     "reviewkd": ReviewKD,
     "crd": CRD,
     "dist": DIST,
+    "dml": DeepMutualLearning,
+    "online": OnlineKD,
 }
 
 

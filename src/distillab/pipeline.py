@@ -18,7 +18,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -26,13 +25,12 @@ from distillab import build, job, loggers, results, resume, slots, training
 from distillab.compress import stage
 from distillab.config import ConfigError, resolved, validate
 from distillab.data import adapter
-from distillab.distill import transfer
+from distillab.distill import cotraining, fit, transfer
 from distillab.distill.methods import base as method_contract
-from distillab.distill.module import DistillationModule
 from distillab.measure import MeasureSettings
 from distillab.settings import Count, Seed
 from distillab.settings import build as settings_of
-from distillab.teacher import cache, ensemble, outputs
+from distillab.teacher import assistant, cache, ensemble, outputs
 from distillab.teacher import training as teacher_training
 from distillab.teacher.ensemble import EnsembleSettings
 
@@ -49,12 +47,14 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """The run's own top-level keys. ``teachers``: names of ``conf/model`` options for an ensemble."""
+    """The run's own top-level keys. ``teachers``: names of ``conf/model`` options for an ensemble;
+    ``teacher_assistant``: the ``conf/model`` option of a teacher assistant."""
 
     seed: Seed
     num_threads: Count | None
     rerun: bool
     teachers: list[str] | None
+    teacher_assistant: str | None
 
 
 @dataclasses.dataclass
@@ -70,6 +70,8 @@ class Parts:
     method: nn.Module
     names: dict[str, str]  # the run's choice per group: distill, compress, teacher, student
     out: Path
+    peers: list[nn.Module] = dataclasses.field(default_factory=list)  # a co-training cohort, student first
+    assistant: tuple[DictConfig, nn.Module] | None = None  # a teacher assistant's node and model
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -109,7 +111,9 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
-    return _settings(RunSettings, {key: cfg[key] for key in ("seed", "num_threads", "rerun", "teachers")})
+    return _settings(
+        RunSettings, {key: cfg[key] for key in ("seed", "num_threads", "rerun", "teachers", "teacher_assistant")}
+    )
 
 
 def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
@@ -121,6 +125,10 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
     teacher_training.check_data(data, cfg.teacher.recipe)
     student, method = build.model("student", cfg.student, info), build.part("distill", cfg.distill)
     names = {group: _name(group, cfg[group]) for group in ("distill", "compress", "teacher", "student")}
+    cotraining.check(cfg, method, names["distill"])
+    make = lambda role: build.model(role, cfg[role], info)  # noqa: E731 - the other peers, fresh
+    peers = cotraining.build_peers(method, student, make) if method_contract.cotrains(method) else []
+    helper = assistant.check(cfg, method, names["distill"], job.config_dirs())
     target, members, mixing = compress_target(cfg), settings.teachers or [], _settings(EnsembleSettings, cfg.ensemble)
     feature = names["distill"] if method_contract.is_feature_method(method) else None
     init_from_teacher = cfg.student.init is not None and target != "teacher"
@@ -136,52 +144,53 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
         if cfg.teacher.ckpt_path:  # a file that is not this teacher's state_dict fails now
             cache.load_checkpoint_file(copy.deepcopy(teacher), cfg.teacher.ckpt_path)
     example = adapter.example(data)
+    pair = (helper, build.teacher(helper, info)) if helper is not None else None
+    source = pair[1] if pair else teacher  # whom the student learns from: the assistant when there is one
     if method_contract.is_feature_method(method):
         # layers are resolved and regressors built from one batch now: a wrong path fails first
         size = adapter.train_size(data) if method_contract.needs_index(method) else None
-        method.bind(student, teacher if method_contract.needs_teacher(method) else None, example, train_size=size)
-    method_contract.check_method(method, student, teacher, example)
+        method.bind(student, source if method_contract.needs_teacher(method) else None, example, train_size=size)
+    method_contract.check_method(method, student, source, example)
     outputs.decide(_settings(outputs.OutputSettings, cfg.teacher_outputs), data, method)
     if init_from_teacher:
-        transfer.check(student, teacher, (names["student"], names["teacher"]))
+        transfer.check(student, source, (names["student"], names["teacher"]))
     if target is not None:
         model = student if target == "student" else teacher
         stage.dry_run(cfg.compress, names["compress"], model, data, info.input_shape)
-    return Parts(settings, data, info, student, teacher, nodes, method, names, Path(cfg.paths.output_dir))
+    out = Path(cfg.paths.output_dir)
+    return Parts(settings, data, info, student, teacher, nodes, method, names, out, peers, pair)
 
 
 def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     """Obtain the teacher, train the student, compress, measure, write results.json."""
     fitting = _fitting(cfg, parts)
-    teacher = obtain_teacher(cfg, parts, fitting)
-    timing = {"teacher": teacher.seconds, "student": 0.0, "compress": 0.0}
+    together = method_contract.cotrains(parts.method)
+    teacher = None if together else obtain_teacher(cfg, parts, fitting)
+    helper = None
+    if parts.assistant is not None:
+        helper = assistant.obtain(cfg, *parts.assistant, parts.data, teacher, fitting)
+    timing = {"teacher": sum(t.seconds for t in (teacher, helper) if t), "student": 0.0, "compress": 0.0}
     student, best_epoch, init, run_loggers, mode = None, None, None, [], "none"
     # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
     if compress_target(cfg) != "teacher":
-        names = (parts.names["student"], parts.names["teacher"])
-        init = (
-            transfer.apply(parts.student, teacher.model, cfg.student.init_weight, names) if cfg.student.init else None
-        )
-        taught = outputs.for_run(
-            _settings(outputs.OutputSettings, cfg.teacher_outputs),
-            str(cfg.trainer.accelerator),
-            teacher,
-            parts.data,
-            parts.method,
-        )
-        timing["teacher"], mode = timing["teacher"] + taught.seconds, taught.mode
-        pl.seed_everything(parts.settings.seed, workers=True, verbose=False)  # a cache miss drew random numbers
-        tick = time.perf_counter()
-        live = teacher.model if method_contract.needs_teacher(parts.method) and taught.table is None else None
-        optimizer, scheduler = instantiate(cfg.optim.optimizer), teacher_training.scheduler_factory(cfg.optim)
-        module = DistillationModule(
-            parts.student, live, parts.method, teacher_table=taught.table, optimizer=optimizer, scheduler=scheduler
-        )
-        fit, run_loggers = fitting.trainer_for("student", parts.out / "checkpoints", int(cfg.trainer.max_epochs))
-        indexed = taught.table is not None or method_contract.needs_index(parts.method)
-        fit.fit(module, **adapter.fit_arguments(parts.data, indexed=indexed))
-        student, best_epoch = parts.student, training.restore_best(module, fit)
-        timing["student"] = time.perf_counter() - tick
+        checkpoints, epochs = parts.out / "checkpoints", int(cfg.trainer.max_epochs)
+        if together:
+            fitted = fit.cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, checkpoints, epochs)
+            teacher = cotraining.as_teacher(parts.peers, parts.method, parts.names, parts.out)
+        else:
+            source = helper or teacher
+            names = (parts.names["student"], source.arch or parts.names["teacher"])
+            if cfg.student.init:
+                init = transfer.apply(parts.student, source.model, cfg.student.init_weight, names)
+            taught = _settings(outputs.OutputSettings, cfg.teacher_outputs)
+            accelerator, seed = str(cfg.trainer.accelerator), parts.settings.seed
+            fitted = fit.distill(
+                parts.student, parts.method, source, parts.data, taught, accelerator, cfg.optim, fitting, "student",
+                checkpoints, epochs, seed,
+            )  # fmt: skip
+        student, best_epoch, run_loggers, mode = parts.student, fitted.best_epoch, fitted.loggers, fitted.mode
+        timing["teacher"] += fitted.table_seconds
+        timing["student"] = fitted.seconds
     if not job.is_rank_zero():
         # a rank of a job launched once per device (torchrun, srun) has done its share, the
         # distributed fit; compression, measurement and results.json are rank 0's
@@ -214,6 +223,10 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         how,
         mode,
         Path(cfg.paths.root_dir),
+        assistant=helper,
+        peers=[
+            (parts.names[role], model) for role, model in zip(method_contract.peer_roles(parts.method), parts.peers)
+        ],
     )
     if "student" in record:
         # regressors and embeddings of feature methods train with the student but are not deployed
@@ -253,7 +266,9 @@ def obtain_teacher(cfg: DictConfig, parts: Parts, fitting: training.Fitting | No
 def compress(cfg: DictConfig, parts: Parts, model: nn.Module, fitting: training.Fitting) -> stage.CompressedRun:
     """Step 6: compress ``model``, fine-tuning with the run's method, optimizer and trainer."""
     role = str(cfg.compress.target)
-    finetuning = stage.Finetuning(lambda: build.part("distill", cfg.distill), cfg.optim, fitting)
+    finetuning = stage.Finetuning(
+        lambda: method_contract.for_finetuning(build.part("distill", cfg.distill)), cfg.optim, fitting
+    )
     return stage.run(
         cfg.compress,
         parts.names["compress"],

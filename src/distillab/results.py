@@ -227,21 +227,38 @@ def assemble(
     how: dict[str, Any],
     outputs: str,
     root_dir: Path,
+    assistant: Any = None,
+    peers: list[tuple[str, Any]] = (),
 ) -> dict[str, Any]:
     """A run's record: ``header`` (what ran), then every model evaluated on the test split, once, for
     its chosen checkpoint, and measured (``how``: the measure settings). ``teacher`` is a
     ``teacher.cache.Teacher``, ``compressed`` a ``compress.stage.CompressedRun`` or None, ``info``
-    the data's ``DataInfo``; ``outputs`` says how the student got the teacher's logits."""
+    the data's ``DataInfo``; ``outputs`` says how the student got the teacher's logits.
+    ``assistant``: the teacher assistant the student learned from (a ``Teacher``); ``peers``: the
+    (architecture, model) of every peer of a co-training run, peer 0 the student."""
     shape, classes = info.input_shape, info.num_classes
     data.setup("test")
     teacher_part, teacher_preds = teacher_block(teacher, data.test_dataloader(), classes, shape, how, outputs)
     record = {**header, "test_samples": len(teacher_preds), "teacher": teacher_part}
     if teacher.members:
         record["teachers"] = [teacher_block(m, data.test_dataloader(), classes, shape, how)[0] for m in teacher.members]
+    if assistant is not None:
+        block, _ = teacher_block(assistant, data.test_dataloader(), classes, shape, how, outputs)
+        record["teacher_assistant"] = {**block, "best_epoch": assistant.metrics.get("best_epoch")}
     if student is not None:
         block = model_block(student, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how)
         record["student"] = {"arch": student_arch, **block, "best_epoch": best_epoch}
         record["ratios"] = ratios(record["student"], teacher_part)
+    if peers:
+        record["peers"] = [
+            {
+                "peer": k,
+                "arch": arch,
+                **model_block(m, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how),
+            }
+            for k, (arch, m) in enumerate(peers)
+        ]
+        record["kept_peer"] = 0
     if compressed is not None:
         block = model_block(
             compressed.result.model, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how

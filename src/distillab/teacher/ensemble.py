@@ -128,22 +128,25 @@ def check(
         model_file(name, search_dirs)
 
 
-def model_file(name: str, search_dirs: Sequence[Path]) -> Path:
-    """``model/<name>.yaml`` in the first folder of the config search path that has it."""
+def model_file(name: str, search_dirs: Sequence[Path], key: str = "teachers") -> Path:
+    """``model/<name>.yaml`` in the first folder of the config search path that has it; else a
+    one-line error naming ``key`` and the options."""
     for folder in search_dirs:
         path = Path(folder) / "model" / f"{name}.yaml"
         if path.is_file():
             return path
     options = sorted({p.stem for folder in search_dirs for p in (Path(folder) / "model").glob("*.yaml")})
-    raise ConfigError(f"teachers: {name!r} is not a model option; allowed: {', '.join(options)}")
+    raise ConfigError(f"{key}: {name!r} is not a model option; allowed: {', '.join(options)}")
 
 
-def member_nodes(names: Sequence[str], teacher: DictConfig, search_dirs: Sequence[Path]) -> list[DictConfig]:
+def member_nodes(
+    names: Sequence[str], teacher: DictConfig, search_dirs: Sequence[Path], key: str = "teachers"
+) -> list[DictConfig]:
     """One teacher node per member: the architecture of ``model/<name>.yaml`` with the run's teacher
     recipe (so one ``teacher.recipe`` override reaches every member), each with its own cache key."""
     nodes = []
     for name in names:
-        node = OmegaConf.load(model_file(name, search_dirs))
+        node = OmegaConf.load(model_file(name, search_dirs, key))
         node.ckpt_path = None
         node.recipe = teacher.recipe
         nodes.append(node)
