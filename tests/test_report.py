@@ -486,3 +486,19 @@ def test_compression_methods_get_their_own_markers() -> None:
     )
     labels = [line.get_label() for line in accuracy_figure(rows, "params", "t").axes[0].containers]
     assert {"method=kd", "method=kd, compress=quant_dynamic"} <= set(labels)
+
+
+def test_teachers_without_a_cache_key_get_a_row_per_architecture_and_size() -> None:
+    """Teachers trained alongside their students (distill=online, dml's peer) have no cache key;
+    an online cnn teacher and a dml peer must not be averaged into one reference row."""
+    results = []
+    for seed, params in ((0, 65834), (1, 65834), (0, 4370)):
+        result = make_result(GROUP_A if params > 5000 else GROUP_B, seed, 0.9)
+        result["teacher"].update(cache="cotrained", cache_key="", params=params)
+        results.append(result)
+    teachers = [row for row in summarize(ok_records(results)) if row["role"] == "teacher"]
+    assert sorted((row["teacher_key"], row["n_seeds"], row["params_mean"]) for row in teachers) == [
+        ("cotrained:cnn:4370", 1, 4370),
+        ("cotrained:cnn:65834", 2, 65834),
+    ]
+    assert {row["group"] for row in teachers} == {"teacher cotrained:cnn:4370", "teacher cotrained:cnn:65834"}

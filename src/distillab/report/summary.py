@@ -114,7 +114,7 @@ def _teacher_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if isinstance(teacher, dict):
                 blocks.append(
                     {
-                        "key": str(teacher.get("cache_key") or teacher.get("arch") or "unknown"),
+                        "key": _teacher_key(teacher),
                         "arch": teacher.get("arch"),
                         "sweep": record.get("sweep"),
                         "seed": results.get("seed"),
@@ -132,7 +132,7 @@ def _teacher_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         arch = distinct(runs["arch"])
         row.update(
             role="teacher",
-            group=f"teacher {arch} [{key[:8]}]",
+            group=f"teacher {arch} [{key[:8]}]" if ":" not in key else f"teacher {key}",
             method="teacher",
             evaluated="teacher",
             teacher_arch=arch,
@@ -144,6 +144,14 @@ def _teacher_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update({f"{name}_mean": _mean(runs[name]) for name in X_AXES})
         rows.append(row)
     return sorted(rows, key=lambda row: row["group"])
+
+
+def _teacher_key(teacher: dict) -> str:
+    """A teacher's cache key; a teacher without one (trained alongside the student, ``cotrained``,
+    or unknown) by how it was obtained, its architecture and size, so unlike ones never share a row."""
+    if teacher.get("cache_key"):
+        return str(teacher["cache_key"])
+    return f"{teacher.get('cache') or 'unknown'}:{teacher.get('arch') or 'model'}:{teacher.get('params')}"
 
 
 def mark_pareto(rows: list[dict], key: str, accuracy: str = "val_acc_mean") -> None:
