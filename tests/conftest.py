@@ -107,3 +107,29 @@ def quiet_trainer(epochs: int, root_dir: Path | None = None, callbacks=(), **opt
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", callbacks=list(callbacks), default_root_dir=root_dir, **settings
     )
+
+
+# -- helpers of the numeric tests -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): they run many times faster on one thread than on all cores when the cores
+    are shared (another test run beside this one); the setting is restored after the module."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def randn(*shape: int, seed: int = 0, dtype=None):
+    """A standard normal tensor from its own generator: the same numbers whatever ran before."""
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def as_numpy(x):
+    """A tensor as a float64 numpy array, for the independent computations."""
+    return x.detach().double().numpy()

@@ -19,10 +19,7 @@ from distillab.distill.cotraining import CoTrainingModule
 from distillab.distill.methods.base import check_method, cotrains, for_finetuning, peer_roles
 from distillab.distill.methods.dml import DeepMutualLearning, mutual_terms
 from distillab.distill.methods.kd import KD
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.conftest import randn as _randn
 
 
 def _model(option: str, **overrides) -> torch.nn.Module:

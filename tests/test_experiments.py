@@ -9,13 +9,14 @@ recipes are what their comments say, and each method file names a published figu
 import re
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from distillab import job, pipeline
 from distillab.config import validate
 from tests.conftest import CONF
 from tests.fixtures_vision import WRITERS, trust_cifar_fixtures
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # the four benchmark pairs; a method's short run takes the first it has a file for (resnet56 -> resnet20 is by
@@ -70,16 +71,6 @@ TINY = [
     "measure.warmup=0",
     "measure.repeats=1",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the runs' num_threads=1: the models are small at these batch sizes, and
-    two threads on a busy 2-core machine (another test run beside this one) are ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -42,24 +42,10 @@ from distillab.distill.methods.sp import SimilarityPreserving, sp_loss
 from distillab.distill.methods.vid import VID
 from distillab.models import CNN, MLP, resnet8, torchvision_model, vgg8, wrn_16_1
 from distillab.settings import ConfigError
+from tests.conftest import as_numpy as _np
+from tests.conftest import randn as _randn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many times faster on one thread than on torch's default of all cores when
-    the cores are shared (under load, 20× here); the setting is restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().numpy()
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _huber(x: float) -> float:

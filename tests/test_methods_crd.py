@@ -25,24 +25,12 @@ from distillab.distill.methods.crd import CRD, contrast_scores, draw_contrast_ro
 from distillab.models import CNN
 from distillab.settings import ConfigError
 from tests.conftest import FAST, ROOT, run_train
+from tests.conftest import as_numpy as _np
+from tests.conftest import randn as _randn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXAMPLE = ROOT / "examples" / "my_datamodule"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().numpy()
 
 
 def _method(**overrides) -> CRD:

@@ -29,23 +29,10 @@ from distillab.distill.methods.nst import NST, nst_loss
 from distillab.distill.methods.vid import VID, VariationalRegressor, gaussian_nll, inverse_softplus
 from distillab.models import CNN, MLP
 from distillab.settings import ConfigError
+from tests.conftest import as_numpy as _np
+from tests.conftest import randn as _randn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread when the cores are shared; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().numpy()
-
-
-def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method(option: str, **overrides):

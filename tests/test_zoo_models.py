@@ -16,6 +16,8 @@ from distillab.models.vgg import VGG
 from distillab.models.wrn import WideResNet
 from distillab.zoo import PUBLISHED_PARAMS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": cifar_resnet.resnet8,
     "resnet14": cifar_resnet.resnet14,
@@ -110,15 +112,6 @@ FIRST_CONV = {
     **{name: "block0.0" for name in BUILDERS if name.startswith("vgg")},
     "mobilenetv2": "stem.0",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The models are tiny at batch 2: one intra-op thread is faster and robust to a busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def n_params(model: nn.Module) -> int:
