@@ -6,6 +6,7 @@ and plot."""
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,25 @@ BLOCK = 32768
 HEADER = 7  # ":W&B" + 2-byte magic + 1-byte version; each chunk: crc32, length, type
 
 
-def read_wandb_records(path: Path) -> list:
-    """Parse a ``.wandb`` transaction log (LevelDB-style blocks) into protobuf Records."""
+def read_wandb_records(path: Path, wait_s: float = 30.0) -> list:
+    """Parse a ``.wandb`` transaction log (LevelDB-style blocks) into protobuf Records.
+
+    wandb's service process writes the log; it can still be flushing the last block when
+    ``finish()`` has returned in offline mode, so a log that does not parse yet is read again
+    until it does (at most ``wait_s`` seconds), then the error is raised."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _parse_wandb_log(path)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _parse_wandb_log(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
