@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT / "src")]
 from distillab import conf, pipeline, training  # noqa: E402
 from distillab.distill import fit  # noqa: E402
 from distillab.distill.methods.base import cotrains  # noqa: E402
-from distillab.teacher import cache, outputs  # noqa: E402
+from distillab.teacher import cache  # noqa: E402
 
 PAIR = ["student=cnn", "student.width=8", "teacher=cnn"]
 
@@ -102,11 +102,9 @@ def time_method(method: str, epochs: int, threads: int) -> tuple[float, str, int
             beside += sum(p.numel() for peer in parts.peers[1:] for p in peer.parameters())
         else:
             teacher = cache.Teacher(parts.teacher.eval(), "benchmark", "file", Path(folder))
-            taught = pipeline._settings(outputs.OutputSettings, cfg.teacher_outputs)
             fitted = fit.distill(
-                parts.student, parts.method, teacher, parts.data, taught, "cpu", cfg.optim, fitting, "student",
-                None, epochs, 0,
-            )  # fmt: skip
+                parts.student, parts.method, teacher, parts.data, cfg, fitting, "student", None, epochs, 0
+            )
     return statistics.median(clock.seconds[1:]), fitted.mode, beside
 
 

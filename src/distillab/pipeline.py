@@ -173,21 +173,8 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     student, best_epoch, init, run_loggers, mode = None, None, None, [], "none"
     # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
     if compress_target(cfg) != "teacher":
-        checkpoints, epochs = parts.out / "checkpoints", int(cfg.trainer.max_epochs)
-        if together:
-            fitted = fit.cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, checkpoints, epochs)
-            teacher = cotraining.as_teacher(parts.peers, parts.method, parts.names, parts.out)
-        else:
-            source = helper or teacher
-            names = (parts.names["student"], source.arch or parts.names["teacher"])
-            if cfg.student.init:
-                init = transfer.apply(parts.student, source.model, cfg.student.init_weight, names)
-            taught = _settings(outputs.OutputSettings, cfg.teacher_outputs)
-            accelerator, seed = str(cfg.trainer.accelerator), parts.settings.seed
-            fitted = fit.distill(
-                parts.student, parts.method, source, parts.data, taught, accelerator, cfg.optim, fitting, "student",
-                checkpoints, epochs, seed,
-            )  # fmt: skip
+        fitted, init, cotrained = fit.student(cfg, parts, helper or teacher, fitting)
+        teacher = cotrained or teacher
         student, best_epoch, run_loggers, mode = parts.student, fitted.best_epoch, fitted.loggers, fitted.mode
         timing["teacher"] += fitted.table_seconds
         timing["student"] = fitted.seconds

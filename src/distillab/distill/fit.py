@@ -18,10 +18,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distillab import training
+from distillab.config import resolved
 from distillab.data import adapter
-from distillab.distill.cotraining import CoTrainingModule
-from distillab.distill.methods.base import needs_index, needs_teacher
+from distillab.distill import transfer
+from distillab.distill.cotraining import CoTrainingModule, as_teacher
+from distillab.distill.methods.base import cotrains, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
+from distillab.settings import build as settings_of
 from distillab.teacher import cache, outputs
 from distillab.teacher.training import scheduler_factory
 
@@ -40,19 +43,21 @@ def distill(
     method: nn.Module,
     teacher: cache.Teacher,
     data: Any,
-    taught: outputs.OutputSettings,
-    accelerator: str,
-    optim: DictConfig,
+    cfg: DictConfig,
     fitting: training.Fitting,
     role: str,
-    checkpoint_dir: Path,
+    checkpoint_dir: Path | None,
     max_epochs: int,
     seed: int,
+    optim: DictConfig | None = None,
     single_process: bool = False,
 ) -> Fitted:
     """Train ``model`` in place with ``method`` against the frozen ``teacher`` (its outputs from the
-    cached table when ``taught`` allows), seeded with ``seed``, logging as ``role``."""
-    given = outputs.for_run(taught, accelerator, teacher, data, method)
+    cached table when the run's ``teacher_outputs`` allow), by ``optim`` (the run's ``optim`` when
+    None), seeded with ``seed``, logging as ``role``."""
+    taught = settings_of(outputs.OutputSettings, resolved(cfg.teacher_outputs))
+    optim = optim if optim is not None else cfg.optim
+    given = outputs.for_run(taught, str(cfg.trainer.accelerator), teacher, data, method)
     pl.seed_everything(seed, workers=True, verbose=False)  # a cache miss drew random numbers
     tick = time.perf_counter()
     live = teacher.model if needs_teacher(method) and given.table is None else None
@@ -76,7 +81,7 @@ def cotrain(
     data: Any,
     optim: DictConfig,
     fitting: training.Fitting,
-    checkpoint_dir: Path,
+    checkpoint_dir: Path | None,
     max_epochs: int,
 ) -> Fitted:
     """Train ``peers`` together with the co-training ``method``; all are restored from the epoch
@@ -87,3 +92,22 @@ def cotrain(
     fit.fit(module, **adapter.fit_arguments(data, indexed=False))
     best = training.restore_best(module, fit)
     return Fitted(best, run_loggers, "cotrained", 0.0, time.perf_counter() - tick)
+
+
+def student(
+    cfg: DictConfig, parts: Any, source: cache.Teacher | None, fitting: training.Fitting
+) -> tuple[Fitted, dict[str, Any] | None, cache.Teacher | None]:
+    """The run's student fit (``parts``: the ``pipeline.Parts``): distilled from ``source`` (the
+    teacher, or its assistant), after ``student.init`` when set; or, with a co-training method,
+    trained with its peers. Returns the fit, the weight transfer's report, and for co-training the
+    peer that stands in the teacher's place."""
+    checkpoints, epochs = parts.out / "checkpoints", int(cfg.trainer.max_epochs)
+    if cotrains(parts.method):
+        fitted = cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, checkpoints, epochs)
+        return fitted, None, as_teacher(parts.peers, parts.method, parts.names, parts.out)
+    init = None
+    if cfg.student.init:
+        names = (parts.names["student"], source.arch or parts.names["teacher"])
+        init = transfer.apply(parts.student, source.model, cfg.student.init_weight, names)
+    args = (parts.data, cfg, fitting, "student", checkpoints, epochs, parts.settings.seed)
+    return distill(parts.student, parts.method, source, *args), init, None

@@ -22,8 +22,7 @@ from distillab.data import adapter
 from distillab.distill import fit
 from distillab.distill.methods.base import cotrains, is_feature_method, needs_index, needs_teacher
 from distillab.settings import ConfigError
-from distillab.settings import build as settings_of
-from distillab.teacher import cache, ensemble, outputs
+from distillab.teacher import cache, ensemble
 
 KEY = "teacher_assistant"
 
@@ -63,22 +62,10 @@ def obtain(
         if is_feature_method(method):
             size = adapter.train_size(data) if needs_index(method) else None
             method.bind(untrained, teacher.model, adapter.example(data), train_size=size)
-        taught = settings_of(outputs.OutputSettings, OmegaConf.to_container(cfg.teacher_outputs, resolve=True))
         fitted = fit.distill(
-            untrained,
-            method,
-            teacher,
-            data,
-            taught,
-            str(cfg.trainer.accelerator),
-            recipe.optim,
-            fitting,
-            KEY,
-            staging / "checkpoints",
-            int(recipe.max_epochs),
-            int(recipe.seed),
-            single_process,
-        )
+            untrained, method, teacher, data, cfg, fitting, KEY, staging / "checkpoints",
+            int(recipe.max_epochs), int(recipe.seed), recipe.optim, single_process,
+        )  # fmt: skip
         loggers.finish(fitted.loggers, {})
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)
         return {"best_epoch": fitted.best_epoch, "outputs": fitted.mode}
