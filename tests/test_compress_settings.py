@@ -58,7 +58,7 @@ def test_none_is_only_an_amount():
 @pytest.mark.parametrize("option", OPTIONS)
 def test_pipeline_keys_pass_compress_settings(option):
     node = node_of(option)
-    keys = {key: node[key] for key in ("target", "finetune_epochs", "amount") if key in node}
+    keys = {key: node[key] for key in compress.PIPELINE_KEYS if key in node and key != "steps"}
     settings.check("compress", keys, "distillab.compress.CompressSettings", partial=option == "none")
     if option != "none":
         assert settings.build(CompressSettings, keys) == CompressSettings(**keys)
@@ -67,7 +67,17 @@ def test_pipeline_keys_pass_compress_settings(option):
 def test_compress_settings_declaration():
     from_source = settings._SourceReader().find("distillab.compress.CompressSettings")
     imported = settings._by_import("distillab.compress.CompressSettings")
-    assert list(from_source.settings) == list(imported.settings) == ["target", "finetune_epochs", "amount"]
+    assert (
+        list(from_source.settings)
+        == list(imported.settings)
+        == [
+            "target",
+            "finetune_epochs",
+            "amount",
+            "max_acc_drop",
+            "cycles",
+        ]
+    )
     for name, setting in from_source.settings.items():
         assert setting.kind == imported.settings[name].kind and setting.default is settings.REQUIRED
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(CompressSettings))

@@ -45,8 +45,9 @@ def parts() -> list[tuple[str, str, str, dict, tuple[str, ...]]]:
                 values = {k: v for k, v in step.items() if k not in HYDRA_KEYS}
                 if group == "compress":
                     values = {k: v for k, v in values.items() if k not in COMPRESS_KEYS}
-                    if "amount" in settings.declaration(step["_target_"]).settings:
-                        values["amount"] = step.get("amount", node.get("amount"))
+                    for key in ("amount", "max_acc_drop", "cycles"):
+                        if key in settings.declaration(step["_target_"]).settings:
+                            values[key] = step.get(key, node.get(key))
                 found.append((group, option, step["_target_"], values, provided))
     return found
 

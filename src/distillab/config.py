@@ -32,7 +32,7 @@ NODES = {
 ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
 ROLES = {"teacher": "distillab.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
 COMPRESS = "distillab.compress.CompressSettings"
-COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "steps")
+COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
 #: what the run passes to a model and to a compressor itself
 MODEL_PROVIDED = ("input_shape", "num_classes")
 COMPRESSOR_PROVIDED = ("model", "context")

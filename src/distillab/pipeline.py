@@ -266,6 +266,7 @@ def compress(cfg: DictConfig, parts: Parts, model: nn.Module, fitting: training.
         parts.info.input_shape,
         finetuning,
         parts.out,
+        dataclasses.asdict(_settings(MeasureSettings, cfg.measure)),
     )
 
 

@@ -7,6 +7,10 @@ settings on its typed signature (``distillab.settings``); the YAML holds their v
 ``PIPELINE_KEYS`` of that config belong to the pipeline (``CompressSettings``); everything else
 is the method's settings. Methods are chained by listing ``steps``; each step gets the previous
 step's model. ``compress=none`` is a node with neither ``_target_`` nor ``steps`` (``is_none``).
+
+Three pipeline keys are also given to every method whose function declares them (``SHARED``), so
+that one command line or sweep sets them for any method or chain: ``amount`` (ignored by methods
+without one), ``max_acc_drop`` and ``cycles`` (refused, in one line, by methods without them).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab import measure
-from distillab.settings import Fraction, NonNegativeCount
+from distillab.settings import ConfigError, Count, Fraction, NonNegativeCount
 
 
 @dataclass
@@ -34,12 +38,23 @@ class Context:
     ``model`` in place for ``epochs`` with the run's distillation loss and the uncompressed
     model as teacher; ``on_epoch_start(epoch)`` is called before each epoch (a gradual
     pruning schedule raises the sparsity there). It is None when ``finetune_epochs`` is 0.
+
+    ``val_batches()`` is a fresh pass over the validation split (``(x, y, ...)`` CPU tensors):
+    what an accuracy budget is checked on (``val_accuracy``). ``reference_val_acc`` is the
+    validation accuracy of the uncompressed model, the reference of ``max_acc_drop``. ``measure``
+    holds the run's latency protocol (threads, warmup, repeats) for a latency objective.
+    ``dry_run`` is true when the method is only tried on an untrained copy and one batch before
+    training: a search may then stop after its first step.
     """
 
     input_shape: tuple[int, ...]
     train_batches: Callable[[], Iterable[tuple[Tensor, Tensor, Tensor]]]
     finetune_epochs: int = 0
     finetune: Callable[..., None] | None = None
+    val_batches: Callable[[], Iterable[tuple[Tensor, ...]]] | None = None
+    reference_val_acc: float | None = None
+    measure: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
 
 
 @dataclass
@@ -50,7 +65,8 @@ class Compressed:
     and API that did the work. ``details`` holds method facts for results.json (amount,
     sparsity, layer shapes, ...). ``save(path)`` writes the real deployable artifact, whose
     size in bytes is what results.json reports; ``load(path)`` (a static function of the
-    method's module) reads it back.
+    method's module) reads it back. ``tables`` are row lists the run saves beside the artifact
+    as ``compressed/<name>.csv`` (a sensitivity scan, the cycles of iterative pruning).
     """
 
     model: nn.Module
@@ -58,10 +74,13 @@ class Compressed:
     backend: str
     save: Callable[[Any], None]
     details: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 # keys of a compress config that belong to the pipeline, not to the method function
-PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "steps")
+PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
+# pipeline keys also given to each method whose function declares them
+SHARED = ("amount", "max_acc_drop", "cycles")
 
 
 @dataclass(frozen=True)
@@ -72,11 +91,16 @@ class CompressSettings:
     ``finetune_epochs``: epochs of fine-tuning with the distillation loss after (or during) compression.
     ``amount``: a fraction in (0, 1) of the weights to remove, given to the methods that take one
     (pruning), so that one sweep can set it for every method; null for the others.
+    ``max_acc_drop``: the largest drop of validation accuracy, against the uncompressed model,
+    that a method may cause (it then searches how much to compress); null: no budget.
+    ``cycles``: prune → fine-tune this many times up to the final amount (1: one shot).
     """
 
     target: Literal["student", "teacher"]
     finetune_epochs: NonNegativeCount
     amount: Fraction | None
+    max_acc_drop: Fraction | None
+    cycles: Count
 
 
 def is_none(node: Any) -> bool:
@@ -88,20 +112,56 @@ def methods(cfg: DictConfig) -> list[functools.partial]:
     """The method functions of ``cfg`` (the ``compress`` node) in order, with their options:
     the node itself, or its ``steps`` for a chain.
 
-    ``amount`` goes to a method only when it takes one (pruning), so one sweep can set
-    ``compress.amount`` for every method; a step's own ``amount`` wins over the chain's. A
-    method that takes ``amount`` always gets it, null included (its declaration says whether
-    null is allowed).
+    A ``SHARED`` key goes to a method only when its function takes it, so one sweep can set
+    ``compress.amount`` for every method; a step's own value wins over the chain's. A method
+    that takes the key always gets it, null included (its declaration says whether null is
+    allowed). ``amount`` is ignored by the methods without one; a ``max_acc_drop`` or
+    ``cycles`` that a method cannot honour is refused with one line.
     """
     steps = list(cfg.steps) if cfg.get("steps") else [cfg]
     found = []
     for step in steps:
         method = instantiate(OmegaConf.create({k: v for k, v in step.items() if k not in PIPELINE_KEYS}))
-        amount = step.get("amount") if step.get("amount") is not None else cfg.get("amount")
-        if "amount" in inspect.signature(method.func).parameters:
-            method = functools.partial(method, amount=amount)
+        taken = inspect.signature(method.func).parameters
+        shared = {key: step.get(key) if step.get(key) is not None else cfg.get(key) for key in SHARED}
+        for key, value in shared.items():
+            if key in taken:
+                method = functools.partial(method, **{key: value})
+            elif key != "amount" and value not in (None, 1):
+                takers = ", ".join(takes(key)) or "none"
+                raise ConfigError(
+                    f"{key}={value} is not allowed with {method.func.__name__}: only these methods take it: {takers}"
+                )
         found.append(method)
     return found
+
+
+def takes(key: str) -> list[str]:
+    """The built-in ``conf/compress`` options whose method function declares ``key``."""
+    from distillab import conf
+
+    names = []
+    for option in conf.options("compress"):
+        node = conf.load("compress", option)
+        targets = [step.get("_target_") for step in node.steps] if node.get("steps") else [node.get("_target_")]
+        if targets[0] and any(key in inspect.signature(_function(t)).parameters for t in targets):
+            names.append(option)
+    return names
+
+
+def _function(target: str) -> Callable:
+    module, _, name = target.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def val_accuracy(model: nn.Module, context: Context) -> float:
+    """Validation accuracy of ``model`` (on the CPU, in eval mode; its mode is restored)."""
+    if context.val_batches is None:
+        raise ValueError("val_accuracy needs context.val_batches")
+    from distillab.evaluate import predict
+
+    preds, targets = predict(model, context.val_batches(), "cpu")
+    return float((preds == targets).double().mean())
 
 
 def apply(node: DictConfig, model: nn.Module, context: Context, name: str) -> tuple[Compressed, nn.Module]:

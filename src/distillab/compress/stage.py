@@ -9,7 +9,9 @@ fine-tuning uses the run's own distillation loss with the uncompressed model as 
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from distillab import compress, training
 from distillab.data import adapter
 from distillab.distill.methods.base import is_feature_method, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
+from distillab.io import atomic_write_text
 from distillab.settings import ConfigError, under
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,18 @@ def dry_run(node: DictConfig, name: str, model: nn.Module, data: Any, input_shap
     def one_batch() -> list:
         return [next(iter(data.train_dataloader()))]
 
+    def one_val_batch() -> list:
+        data.setup("validate")
+        return [next(iter(data.val_dataloader()))]
+
     context = compress.Context(
         input_shape=tuple(input_shape),
         train_batches=one_batch,
         finetune_epochs=int(node.finetune_epochs),
         finetune=lambda *args, **kwargs: None,
+        val_batches=one_val_batch,
+        reference_val_acc=1.0,
+        dry_run=True,
     )
     with torch.random.fork_rng(devices=[]):
         try:
@@ -80,11 +90,17 @@ def run(
     input_shape: tuple[int, ...],
     finetuning: Finetuning,
     out: Path,
+    how: dict[str, Any] | None = None,
 ) -> CompressedRun:
     """Compress a CPU copy of ``model`` by ``node``, fine-tuning with ``finetuning`` and ``model`` as
-    the teacher, and save the artifact to ``out/compressed/model.pt`` atomically."""
+    the teacher, and save the artifact to ``out/compressed/model.pt`` atomically, with the result's
+    tables beside it (``compressed/<name>.csv``); ``how``: the run's measure settings."""
     uncompressed = copy.deepcopy(model).cpu().eval()
     epochs = int(node.finetune_epochs)
+
+    def val_batches() -> Any:
+        data.setup("validate")
+        return data.val_dataloader()
 
     def finetune(target: nn.Module, n_epochs: int, on_epoch_start: Callable[[int], None] | None = None) -> None:
         finetune_with_teacher(finetuning, data, target, uncompressed, n_epochs, on_epoch_start)
@@ -94,7 +110,10 @@ def run(
         train_batches=data.train_dataloader,
         finetune_epochs=epochs,
         finetune=finetune if epochs > 0 else None,
+        val_batches=val_batches,
+        measure=dict(how or {}),
     )
+    context.reference_val_acc = compress.val_accuracy(uncompressed, context)
     log.info("compress: %s of the %s (fine-tune %d epochs)", name, role, epochs)
     result, float_model = compress.apply(node, uncompressed, context, name)
     artifact = out / "compressed" / "model.pt"
@@ -102,7 +121,18 @@ def run(
     staging = artifact.with_name(f".{artifact.name}.tmp")
     result.save(staging)
     os.replace(staging, artifact)
+    for name, rows in result.tables.items():
+        write_table(artifact.parent / f"{name}.csv", rows)
     return CompressedRun(result, float_model, artifact, role, arch)
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` (dicts with the same keys) as a CSV file, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def finetune_with_teacher(
