@@ -3,10 +3,12 @@
 Schema (accuracies are fractions in [0, 1]; docs/results.md describes every field):
     status, error?, config_hash, setting_hashes {setting, without_distill, without_compress}, group,
     overrides, seed, split_seed, dataset, method, compress, test_samples,
-    teacher {arch, params, cache, cache_key, test {acc, f1, precision, recall}},
+    teacher {arch, params, cache, cache_key, test {acc, f1, precision, recall}, calibration {ece, nll},
+             per_class {acc [per class]}},
     student {arch, params, nonzero_params, size_bytes, macs, latency_ms {batch_1, batch_64},
-             test {acc, f1, precision, recall, agreement}, val {acc}},
-    compressed {same as student; absent when compress=none},
+             test {acc, f1, precision, recall, agreement}, val {acc}, calibration {ece, nll},
+             per_class {acc, largest_drop_vs_teacher {class, drop}}},
+    compressed {same as student, per_class also largest_drop_vs_uncompressed; absent when compress=none},
     ratios {params, size, acc_retention}, timing_s {teacher, student, compress, total},
     env {git_commit, python, torch, lightning, hydra, device}
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import platform
 import subprocess
 from pathlib import Path
@@ -111,7 +115,8 @@ def environment(root: Path, device: str) -> dict[str, Any]:
 
 
 def check(results: dict[str, Any]) -> None:
-    """Raise ValueError when a record misses a field of the schema."""
+    """Raise ValueError when a record misses a field of the schema or a model block holds a malformed
+    value (``check_model_block``)."""
     if results.get("status") not in ("ok", "failed"):
         raise ValueError(f"results.status must be 'ok' or 'failed', got {results.get('status')!r}")
     if results["status"] == "failed":
@@ -125,13 +130,67 @@ def check(results: dict[str, Any]) -> None:
         missing.append("ratios")
     if missing:
         raise ValueError(f"results.json misses {', '.join(missing)}")
-    for role in ("teacher", "student", "compressed"):
-        block = results.get(role)
-        if block is None:
+    for name, block in model_blocks(results):
+        check_model_block(name, block)
+
+
+def model_blocks(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every model block of a record, by its path: ``teacher``, ``teachers.0``, ``peers.1``, ..."""
+    roles = ("teacher", "teacher_assistant", "student", "compressed")
+    blocks = [(role, results[role]) for role in roles if role in results]
+    for role in ("teachers", "peers"):
+        blocks += [(f"{role}.{k}", block) for k, block in enumerate(results.get(role) or [])]
+    return blocks
+
+
+def check_model_block(name: str, block: dict[str, Any]) -> None:
+    """Raise ValueError when a model block's ``test`` holds a value that is not a fraction, or its
+    ``calibration`` or ``per_class`` (when present) is malformed."""
+    for key, value in block.get("test", {}).items():
+        if not _is_fraction(value):
+            raise ValueError(f"{name}.test.{key}={value!r} is not a fraction in [0, 1]")
+    if "calibration" in block:
+        _check_calibration(f"{name}.calibration", block["calibration"])
+    if "per_class" in block:
+        _check_per_class(f"{name}.per_class", block["per_class"])
+
+
+def _check_calibration(name: str, calibration: Any) -> None:
+    """``{ece: fraction, nll: nats >= 0}``, both null together when the model's logits were not finite."""
+    if not isinstance(calibration, dict) or set(calibration) != {"ece", "nll"}:
+        raise ValueError(f"{name} must be an object with exactly the keys ece and nll, got {calibration!r}")
+    ece, nll = calibration["ece"], calibration["nll"]
+    if ece is None and nll is None:
+        return
+    if not _is_fraction(ece):
+        raise ValueError(f"{name}.ece={ece!r} is not a fraction in [0, 1]")
+    if not (_is_number(nll) and nll >= 0.0):
+        raise ValueError(f"{name}.nll={nll!r} is not a finite number >= 0 (nats)")
+
+
+def _check_per_class(name: str, per_class: Any) -> None:
+    """``{acc: [fraction or null per class], largest_drop_vs_<reference>: {class, drop}, ...}``."""
+    acc = per_class.get("acc") if isinstance(per_class, dict) else None
+    if not isinstance(acc, list) or not acc or not all(a is None or _is_fraction(a) for a in acc):
+        raise ValueError(f"{name}.acc must be a non-empty list of fractions in [0, 1] (null for an absent class)")
+    for key, drop in per_class.items():
+        if key == "acc":
             continue
-        for name, value in block.get("test", {}).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{role}.test.{name}={value} is not a fraction in [0, 1]")
+        if not key.startswith("largest_drop_vs_") or not isinstance(drop, dict) or set(drop) != {"class", "drop"}:
+            raise ValueError(f"{name}.{key} is not allowed: use acc or largest_drop_vs_<reference> {{class, drop}}")
+        k = drop["class"]
+        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(acc) and acc[k] is not None):
+            raise ValueError(f"{name}.{key}.class={k!r} is not a class with an accuracy, in [0, {len(acc)})")
+        if not (_is_number(drop["drop"]) and -1.0 <= drop["drop"] <= 1.0):
+            raise ValueError(f"{name}.{key}.drop={drop['drop']!r} is not a difference of fractions, in [-1, 1]")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_fraction(value: Any) -> bool:
+    return _is_number(value) and 0.0 <= value <= 1.0
 
 
 def write(folder: str | Path, results: dict[str, Any]) -> Path:
@@ -247,14 +306,17 @@ def assemble(
         record["teacher_assistant"] = {**block, "best_epoch": assistant.metrics.get("best_epoch")}
     if student is not None:
         block = model_block(student, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how)
-        record["student"] = {"arch": student_arch, **block, "best_epoch": best_epoch}
+        record["student"] = {"arch": student_arch, **with_drops(block, teacher=teacher_part), "best_epoch": best_epoch}
         record["ratios"] = ratios(record["student"], teacher_part)
     if peers:
         record["peers"] = [
             {
                 "peer": k,
                 "arch": arch,
-                **model_block(m, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how),
+                **with_drops(
+                    model_block(m, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how),
+                    teacher=teacher_part,
+                ),
             }
             for k, (arch, m) in enumerate(peers)
         ]
@@ -264,6 +326,7 @@ def assemble(
             compressed.result.model, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how
         )
         base = record.get(compressed.role) or teacher_part
+        block = with_drops(block, teacher=teacher_part, uncompressed=base)
         record["compressed"] = compressed_block(compressed, base, teacher_part, block, shape)
     record["env"] = environment(root_dir, str(device_of(teacher.model)))
     return record
@@ -278,21 +341,48 @@ def model_block(
     teacher_preds: Any,
     how: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measurements and test/val metrics of one model (the ``test`` and ``val`` loaders); quantized
-    models run on the CPU. ``agreement`` is against ``teacher_preds``."""
+    """Measurements and test/val metrics of one model (the ``test`` and ``val`` loaders, one pass
+    each); quantized models run on the CPU. ``agreement`` is against ``teacher_preds``."""
     from distillab import measure
     from distillab.evaluate import agreement, classification_metrics, predict
 
-    device = device_of(model)
-    preds, targets = predict(model, test, device)
-    val_preds, val_targets = predict(model, val, device)
-    metrics = classification_metrics(preds, targets, num_classes)
-    metrics["agreement"] = agreement(preds, teacher_preds)
+    tested, preds = evaluation(model, test, num_classes)
+    tested["test"]["agreement"] = agreement(preds, teacher_preds)
+    val_preds, val_targets = predict(model, val, device_of(model))
     return {
         **measure.profile(model, input_shape, **how),
-        "test": metrics,
+        "test": tested.pop("test"),
         "val": {"acc": classification_metrics(val_preds, val_targets, num_classes)["acc"]},
+        **tested,
     }
+
+
+def evaluation(model: Any, test: Any, num_classes: int) -> tuple[dict[str, Any], Any]:
+    """One pass of ``model`` over the ``test`` loader, and everything that follows from its logits:
+    ``test`` {acc, f1, precision, recall}, ``calibration`` {ece, nll} and ``per_class`` {acc};
+    with the predictions, which other models are compared with."""
+    from distillab.evaluate import calibration, classification_metrics, logits_and_targets, per_class_accuracy
+
+    logits, targets = logits_and_targets(model, test, device_of(model))
+    preds = logits.argmax(dim=1)
+    return {
+        "test": classification_metrics(preds, targets, num_classes),
+        "calibration": calibration(logits, targets, num_classes),
+        "per_class": {"acc": per_class_accuracy(preds, targets, num_classes)},
+    }, preds
+
+
+def with_drops(block: dict[str, Any], **references: dict[str, Any]) -> dict[str, Any]:
+    """``block`` with, for each named reference block (evaluated on the same split), the class it
+    loses most accuracy on against that reference: ``per_class.largest_drop_vs_<name>``."""
+    from distillab.evaluate import largest_drop
+
+    acc = block["per_class"]["acc"]
+    drops = {
+        f"largest_drop_vs_{name}": largest_drop(acc, reference["per_class"]["acc"])
+        for name, reference in references.items()
+    }
+    return {**block, "per_class": {**block["per_class"], **drops}}
 
 
 def teacher_block(
@@ -303,19 +393,19 @@ def teacher_block(
     how: dict[str, Any],
     outputs: str | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """The teacher's block (architecture, cache entry, size, test metrics) and its test predictions;
-    ``outputs``: how the student got its logits (cached, live, none), absent for an ensemble member."""
+    """The teacher's block (architecture, cache entry, size, test metrics, calibration, per-class
+    accuracy) and its test predictions; ``outputs``: how the student got its logits (cached, live,
+    none), absent for an ensemble member."""
     from distillab import measure
-    from distillab.evaluate import classification_metrics, predict
 
-    preds, targets = predict(teacher.model, test, device_of(teacher.model))
+    tested, preds = evaluation(teacher.model, test, num_classes)
     block = {
         "arch": teacher.arch,
         **measure.profile(teacher.model, input_shape, **how),
         "cache": teacher.cache,
         "cache_key": teacher.key,
         **({"outputs": outputs} if outputs is not None else {}),
-        "test": classification_metrics(preds, targets, num_classes),
+        **tested,
     }
     return block, preds
 
