@@ -195,6 +195,7 @@ JOB_COLUMNS = [
     "f1",
     "val_acc",
     "agreement",
+    "ece",
     "acc_retention",
     "test_samples",
     *X_AXES,
@@ -240,6 +241,7 @@ def _job_row(record: dict[str, Any]) -> dict[str, Any]:
         "f1": number(dig(model, "test", "f1")),
         "val_acc": number(dig(model, "val", "acc")),
         "agreement": number(dig(model, "test", "agreement")),
+        "ece": number(dig(model, "calibration", "ece")),
         "acc_retention": number(dig(results, "ratios", "acc_retention")),
         "test_samples": number(results.get("test_samples")),
     }

@@ -104,6 +104,7 @@ def _student_table(rows: list[dict]) -> list[str]:
         "MACs",
         "latency b64 (ms)",
         "agreement",
+        "ECE",
         "acc retention",
     ]
     body = [
@@ -123,6 +124,7 @@ def _student_table(rows: list[dict]) -> list[str]:
             num(row["macs_mean"], ",.0f"),
             num(row["latency_ms_mean"], ".3f"),
             num(row["agreement_mean"], ".4f"),
+            num(row["ece_mean"], ".4f"),
             num(row["acc_retention_mean"], ".4f"),
         ]
         for row in rows

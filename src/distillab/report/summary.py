@@ -35,6 +35,7 @@ COLUMNS = [
     "macs_mean",
     "latency_ms_mean",
     "agreement_mean",
+    "ece_mean",
     "acc_retention_mean",
     "pareto",
     "sweeps",
@@ -100,6 +101,7 @@ def spread(runs: pd.DataFrame) -> dict[str, Any]:
         "f1_std": f1.std,
         "val_acc_mean": _mean(runs["val_acc"]),
         "agreement_mean": _mean(runs["agreement"]),
+        "ece_mean": _mean(runs["ece"]),
     }
 
 
@@ -123,6 +125,7 @@ def _teacher_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "f1": number(dig(teacher, "test", "f1")),
                         "val_acc": None,
                         "agreement": None,
+                        "ece": number(dig(teacher, "calibration", "ece")),
                         **{name: number(dig(teacher, *keys)) for name, (keys, _) in X_AXES.items()},
                     }
                 )
