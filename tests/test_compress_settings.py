@@ -129,7 +129,8 @@ def test_an_unknown_setting_is_one_line():
             "compress", {"engines": "x86"}, "distillab.compress.quantize.static", provided=PROVIDED, partial=True
         )
     assert str(caught.value) == (
-        "compress.engines is not a known key; allowed keys of compress: calibration_batches, per_channel, engine"
+        "compress.engines is not a known key; allowed keys of compress: calibration_batches, per_channel, engine, "
+        "max_acc_drop"
     )
 
 

@@ -13,11 +13,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from distillab import conf, measure
+from distillab import compress, conf, measure
 from distillab.compress import PIPELINE_KEYS, Compressed, Context
 from distillab.compress import quantize as Q
 from distillab.data import TensorBatches
@@ -114,9 +113,16 @@ def _kd_finetune(teacher: nn.Module, digits: dict, steps: int = 5, calls: list |
 
 
 def _configured(option: str) -> dict:
-    """The settings ``conf/compress/<option>.yaml`` gives its function."""
+    """The settings ``conf/compress/<option>.yaml`` gives its function, the accuracy budget
+    (a pipeline key the function takes) included."""
     node = OmegaConf.to_container(conf.load("compress", option))
-    return {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
+    own = {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
+    return {**own, "max_acc_drop": node["max_acc_drop"]}
+
+
+def _dynamic(model: nn.Module, context: Context) -> Compressed:
+    """``quantize.dynamic`` with the configured settings."""
+    return Q.dynamic(model, context, **_configured("quant_dynamic"))
 
 
 def _static(model: nn.Module, context: Context, **settings) -> Compressed:
@@ -151,7 +157,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 # -- dynamic ----------------------------------------------------------------------------------
 def test_dynamic_mlp_int8_smaller_and_accurate(mlp, digits):
     before = copy.deepcopy(mlp)
-    result = Q.dynamic(mlp, _context(digits))
+    result = _dynamic(mlp, _context(digits))
     model = result.model
     assert result.method == "quant_dynamic"
     assert result.backend == "torch.ao.quantization eager, x86 engine"
@@ -167,7 +173,7 @@ def test_dynamic_mlp_int8_smaller_and_accurate(mlp, digits):
 def test_dynamic_refuses_a_model_without_linear_layers(digits):
     convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ConfigError) as error:
-        Q.dynamic(convs, _context(digits))
+        _dynamic(convs, _context(digits))
     assert "quant_dynamic" in _one_line(error) and "Sequential has none" in str(error.value)
 
 
@@ -376,7 +382,7 @@ def test_qat_needs_finetuning(cnn, digits):
 @pytest.mark.parametrize("method", ["quant_dynamic", "quant_static", "qat"])
 def test_save_and_reload_give_the_same_outputs(method, cnn, digits, tmp_path: Path):
     if method == "quant_dynamic":
-        result = Q.dynamic(cnn, _context(digits))
+        result = _dynamic(cnn, _context(digits))
     elif method == "quant_static":
         result = _static(cnn, _context(digits), calibration_batches=2, per_channel=False)
     else:
@@ -408,7 +414,7 @@ def test_no_torch_ao_deprecation_reaches_the_caller_but_other_warnings_do(cnn, m
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Q.dynamic(mlp, _context(digits)).save(tmp_path / "dynamic.pt")
+        _dynamic(mlp, _context(digits)).save(tmp_path / "dynamic.pt")
         _static(cnn, _context(digits), calibration_batches=2).save(tmp_path / "static.pt")
         _qat(cnn, _context(digits, noisy_finetune, epochs=1), calibration_batches=2).save(tmp_path / "qat.pt")
         Q.load_static(tmp_path / "static.pt", CNN(SHAPE, 10, width=32, blocks=2, dropout=0.0), SHAPE)
@@ -437,7 +443,8 @@ def test_config_instantiates_the_method(name, epochs, options, cnn, digits):
     assert cfg["finetune_epochs"] == epochs
     rest = {k: v for k, v in cfg.items() if k not in PIPELINE_KEYS}
     assert {k: v for k, v in rest.items() if not k.startswith("_")} == options
-    method = instantiate(rest)
+    (method,) = compress.methods(conf.load("compress", name))  # as the run builds it: with max_acc_drop
+    assert method.keywords["max_acc_drop"] is None
     finetune = _kd_finetune(cnn, digits, steps=1) if epochs else None
     result = method(cnn, _context(digits, finetune, epochs=min(epochs, 1)))
     assert result.method == name and Q.int8_layers(result.model)

@@ -167,17 +167,19 @@ def val_accuracy(model: nn.Module, context: Context) -> float:
 def apply(node: DictConfig, model: nn.Module, context: Context, name: str) -> tuple[Compressed, nn.Module]:
     """Run the method(s) of ``node`` (the ``compress`` node, whose option is ``name``) on ``model``.
 
-    A chain's result is named ``name``. Returns the final result and the last floating-point
-    model of the chain (the input of a quantization step), whose MACs the quantized model
-    performs in int8.
+    A chain's result is named ``name`` and holds the tables of all its steps. Returns the final
+    result and the last floating-point model of the chain (the input of a quantization step),
+    whose MACs the quantized model performs in int8.
     """
-    float_model, result = model, None
+    float_model, result, tables = model, None, {}
     for method in methods(node):
         result = method(result.model if result is not None else model, context)
+        tables.update(result.tables)  # a chain keeps every step's tables
         if not _is_quantized(result.model):
             float_model = result.model
     if result is None:
         raise ValueError("compress: no method to apply")
+    result.tables = tables
     if node.get("steps"):
         result.method = str(name)
     return result, float_model

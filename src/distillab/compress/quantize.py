@@ -51,12 +51,41 @@ Residual additions and other tensor arithmetic
     stops with a one-line ``ConfigError`` naming the module instead of producing a wrong model
     (checked by running the converted model once before calibration or fine-tuning).
 
+Accuracy budget: mixed precision
+    With ``max_acc_drop`` set, each method quantizes everything, measures the validation
+    accuracy (``compress.val_accuracy``) and, when it fell by more than the budget below
+    ``context.reference_val_acc``, keeps layers in float until it does not. The layers are the
+    convolutions and Linear layers (``static``, ``qat``; a fused conv-BN-ReLU counts as its conv)
+    or the Linear/LSTM/GRU layers (``dynamic``), by their path in the float model. A scan first
+    quantizes each layer alone (all others float) and records the validation accuracy; the
+    layers are then kept float in the order of that accuracy, lowest first, the combined model
+    checked after each, until the drop is within the budget. N layers cost N + k evaluations
+    (k: the layers kept float); activation scales are calibrated on the same cached batches for
+    every candidate, so two candidates differ only in their float layers. If the budget is met
+    with everything int8, no scan is run and nothing is float. If no float set meets it, the
+    candidate with the best validation accuracy is returned and ``within_budget`` is false (a
+    float layer still receives and passes on int8 activations, so even all layers float is not
+    the float model). A dry run (``context.dry_run``) skips the search.
+
+    ``qat`` chooses its float set by that post-training search (fast, no training) before the
+    fine-tuning, fake-quantizes only the other layers, and checks the budget after conversion;
+    since fine-tuning usually recovers accuracy, the set is a conservative one.
+
+    A float layer of a static or QAT model sits in a :class:`FloatLayer` at its own path:
+    ``dequant`` -> the float layer (``qconfig = None``, so prepare and convert leave it alone)
+    -> ``quant``, whose scale is calibrated on the layer's float output. The returned
+    ``details`` list ``float_layers``, the int8 ``layers``, ``val_acc``, ``reference_val_acc``,
+    ``acc_drop``, ``within_budget`` and the scan (``sensitivity``, also
+    ``tables["quant_sensitivity"]``, saved as ``compressed/quant_sensitivity.csv``).
+
 Saving and reloading
-    ``Compressed.save(path)`` writes ``torch.save(model.state_dict())`` of the int8 model: int8
-    weights with their scales. Packed int8 layers need their module structure to be read back:
-    rebuild the float architecture and apply the same preparation and conversion, then
-    ``load_state_dict``. :func:`load_dynamic`, :func:`load_static` and :func:`load_qat` (or
-    :func:`load` by method name) do exactly that::
+    ``Compressed.save(path)`` writes ``{"format", "float_layers", "state_dict"}`` with
+    ``torch.save``: the int8 model's state (int8 weights with their scales, the float layers'
+    weights) and the paths of its float layers. Packed int8 layers need their module structure
+    to be read back: rebuild the float architecture and apply the same preparation, float
+    layers and conversion, then ``load_state_dict``. :func:`load_dynamic`, :func:`load_static`
+    and :func:`load_qat` (or :func:`load` by method name) do exactly that, reading the float
+    layers from the file (with ``weights_only=True``)::
 
         float_model = CNN((1, 8, 8), 10, width=32, blocks=2, dropout=0.0)
         model = load_static("model_int8.pt", float_model, (1, 8, 8), per_channel=True, engine="x86")
@@ -67,6 +96,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import operator
@@ -84,8 +114,8 @@ from torch import Tensor, fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.overrides import TorchFunctionMode
 
-from distillab.compress import Compressed, Context
-from distillab.settings import ConfigError, Count, checked
+from distillab.compress import Compressed, Context, val_accuracy
+from distillab.settings import ConfigError, Count, Fraction, checked
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +123,7 @@ __all__ = [
     "BACKEND",
     "Backend",
     "EagerBackend",
+    "FloatLayer",
     "Preparation",
     "dynamic",
     "int8_layers",
@@ -163,10 +194,11 @@ class Preparation:
 class Backend(abc.ABC):
     """One implementation of int8 quantization.
 
-    ``dynamic(model, engine)`` returns the dynamically quantized model. ``prepare(model,
-    example, engine, per_channel, qat, method)`` returns the model ready for calibration
+    ``dynamic(model, engine, keep_float)`` returns the dynamically quantized model. ``prepare(model,
+    example, engine, per_channel, qat, method, keep_float)`` returns the model ready for calibration
     (observers) or for quantization-aware training (fake quantization) and what was done to it;
-    ``convert(model, engine)`` turns such a model into the int8 one. Inputs may be modified.
+    ``convert(model, engine)`` turns such a model into the int8 one. ``keep_float``: paths of
+    layers of ``model`` that stay in float (mixed precision). Inputs may be modified.
     """
 
     name = ""
@@ -175,12 +207,19 @@ class Backend(abc.ABC):
         return f"{self.name}, {engine} engine"
 
     @abc.abstractmethod
-    def dynamic(self, model: nn.Module, engine: str) -> nn.Module:
-        """The model with dynamically quantized Linear/LSTM/GRU layers."""
+    def dynamic(self, model: nn.Module, engine: str, keep_float: Sequence[str]) -> nn.Module:
+        """The model with dynamically quantized Linear/LSTM/GRU layers, but those of ``keep_float``."""
 
     @abc.abstractmethod
     def prepare(
-        self, model: nn.Module, example: Tensor, engine: str, per_channel: bool, qat: bool, method: str
+        self,
+        model: nn.Module,
+        example: Tensor,
+        engine: str,
+        per_channel: bool,
+        qat: bool,
+        method: str,
+        keep_float: Sequence[str],
     ) -> tuple[nn.Module, Preparation]:
         """The model with observers (or fake quantization for QAT), and what was done to it."""
 
@@ -198,7 +237,9 @@ class EagerBackend(Backend):
 
     name = "torch.ao.quantization eager"
 
-    def dynamic(self, model: nn.Module, engine: str) -> nn.Module:
+    def dynamic(self, model: nn.Module, engine: str, keep_float: Sequence[str]) -> nn.Module:
+        for path in keep_float:  # quantize_dynamic keeps a module's own qconfig over the spec's
+            _layer(model, path, "quant_dynamic").qconfig = None
         spec = {
             nn.Linear: tq.per_channel_dynamic_qconfig if engine != "qnnpack" else tq.default_dynamic_qconfig,
             nn.LSTM: tq.default_dynamic_qconfig,
@@ -208,7 +249,14 @@ class EagerBackend(Backend):
             return tq.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
     def prepare(
-        self, model: nn.Module, example: Tensor, engine: str, per_channel: bool, qat: bool, method: str
+        self,
+        model: nn.Module,
+        example: Tensor,
+        engine: str,
+        per_channel: bool,
+        qat: bool,
+        method: str,
+        keep_float: Sequence[str],
     ) -> tuple[nn.Module, Preparation]:
         arch = type(model).__name__
         model.eval()
@@ -219,13 +267,16 @@ class EagerBackend(Backend):
             if done.fused:
                 fuse = tq.fuse_modules_qat if qat else tq.fuse_modules
                 fuse(model, done.fused, inplace=True)
+            for path in keep_float:
+                _replace(model, path, FloatLayer(_layer(model, path, method)))
             wrapped = tq.QuantWrapper(model)
             wrapped.qconfig = _qconfig(engine, per_channel, qat)
             if qat:
                 tq.prepare_qat(wrapped, inplace=True)
             else:
                 tq.prepare(wrapped, inplace=True)
-        _check_int8_runs(wrapped, example, engine, arch, method, self)
+        if not keep_float:  # a float layer only adds a dequantize / quantize pair: the all-int8 check covers it
+            _check_int8_runs(wrapped, example, engine, arch, method, self)
         return wrapped, done
 
     def convert(self, model: nn.Module, engine: str) -> nn.Module:
@@ -235,6 +286,36 @@ class EagerBackend(Backend):
 
 
 BACKEND: Backend = EagerBackend()
+
+
+class FloatLayer(nn.Module):
+    """A layer kept in float inside an eager int8 model: its int8 input is dequantized, and its
+    float output quantized again (with a scale calibrated like any other activation), so the
+    int8 layers around it are unchanged. ``layer.qconfig = None`` makes prepare and convert
+    leave it (and a fused group's members) alone."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        layer.qconfig = None
+        self.dequant, self.layer, self.quant = tq.DeQuantStub(), layer, tq.QuantStub()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(self.layer(self.dequant(x)))
+
+
+def _layer(model: nn.Module, path: str, method: str) -> nn.Module:
+    """The submodule of ``model`` at ``path``; a ``ConfigError`` naming it when there is none."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(
+            f"float layer '{path}' is not a layer of {type(model).__name__}: {method} was given another architecture"
+        ) from None
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def _qconfig(engine: str, per_channel: bool, qat: bool) -> tq.QConfig:
@@ -495,17 +576,36 @@ def int8_layers(model: nn.Module) -> dict[str, str]:
     return layers
 
 
-def _save(model: nn.Module) -> Callable[[Any], None]:
+#: what ``Compressed.save`` writes: ``{"format", "float_layers", "state_dict"}``
+ARTIFACT_FORMAT = "distillab.quantize/1"
+#: the name of the sensitivity scan among ``Compressed.tables`` (``compressed/<name>.csv``)
+SENSITIVITY_TABLE = "quant_sensitivity"
+# accuracies are ratios of sample counts: a drop exactly at the budget must not miss it by a rounding error
+_TOLERANCE = 1e-9
+
+
+def _save(model: nn.Module, float_layers: Sequence[str]) -> Callable[[Any], None]:
+    """Write the artifact: the state of the int8 model and the paths of its float layers."""
+
     def save(path: Any) -> None:
+        artifact = {"format": ARTIFACT_FORMAT, "float_layers": list(float_layers), "state_dict": model.state_dict()}
         with quiet_deprecations():
-            torch.save(model.state_dict(), path)
+            torch.save(artifact, path)
 
     return save
 
 
-def _load_state(model: nn.Module, path: Any, engine: str) -> nn.Module:
+def _read(path: Any) -> tuple[dict[str, Any], list[str]]:
+    """The state and the float layers of an artifact written by ``Compressed.save``."""
+    with quiet_deprecations():
+        artifact = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(artifact, dict) or artifact.get("format") != ARTIFACT_FORMAT:
+        raise ConfigError(f"path={str(path)!r} is not allowed: an int8 artifact in the {ARTIFACT_FORMAT} format")
+    return artifact["state_dict"], list(artifact["float_layers"])
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], engine: str) -> nn.Module:
     with quiet_deprecations(), _engine(engine):
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()
 
@@ -519,17 +619,21 @@ def _float_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().float().eval()
 
 
-def _calibrate(model: nn.Module, context: Context, batches: int, method: str) -> tuple[int, int]:
-    """Run ``batches`` training batches through ``model`` (eval mode, no gradients)."""
-    model.eval()
-    seen = samples = 0
-    with torch.no_grad():
-        for x, *_ in islice(context.train_batches(), batches):
-            model(x.cpu())
-            seen, samples = seen + 1, samples + len(x)
-    if seen == 0:
+def _calibration_inputs(context: Context, batches: int, method: str) -> list[Tensor]:
+    """The inputs of the first ``batches`` training batches, kept so that every candidate of a
+    budget search is calibrated on the same data."""
+    inputs = [x.cpu() for x, *_ in islice(context.train_batches(), batches)]
+    if not inputs:
         raise ConfigError(f"{method}: context.train_batches() gave no batch to calibrate on")
-    return seen, samples
+    return inputs
+
+
+def _calibrate(model: nn.Module, inputs: Sequence[Tensor]) -> None:
+    """Run ``inputs`` through ``model`` (eval mode, no gradients) so its observers record ranges."""
+    model.eval()
+    with quiet_deprecations(), torch.no_grad():
+        for x in inputs:
+            model(x)
 
 
 def _require_layers(model: nn.Module, types: tuple[type, ...], method: str, what: str) -> None:
@@ -537,23 +641,158 @@ def _require_layers(model: nn.Module, types: tuple[type, ...], method: str, what
         raise ConfigError(f"{method} quantizes {what} layers; {type(model).__name__} has none")
 
 
+def _candidates(model: nn.Module, types: tuple[type, ...]) -> list[str]:
+    """Paths of the layers of ``model`` a budget search may keep float, in module order."""
+    return [name for name, module in model.named_modules() if name and isinstance(module, types)]
+
+
+# -- the accuracy budget ---------------------------------------------------------------------------
+@dataclass
+class _Search:
+    """What a budget search settled on: the model, its float layers and the accuracies behind them."""
+
+    model: nn.Module
+    float_layers: list[str]
+    max_acc_drop: float
+    reference: float
+    val_acc: float
+    scan: list[dict[str, Any]] = field(default_factory=list)
+    trail: list[float] = field(default_factory=list)  # validation accuracy with 0, 1, 2... layers kept float
+
+    @property
+    def within_budget(self) -> bool:
+        return self.reference - self.val_acc <= self.max_acc_drop + _TOLERANCE
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "max_acc_drop": self.max_acc_drop,
+            "reference_val_acc": round(self.reference, 6),
+            "val_acc": round(self.val_acc, 6),
+            "acc_drop": round(self.reference - self.val_acc, 6),
+            "within_budget": self.within_budget,
+            "float_layers": list(self.float_layers),
+            "val_acc_by_float_layers": [round(acc, 6) for acc in self.trail],
+            "sensitivity": self.scan,
+        }
+
+
+def _budget_applies(max_acc_drop: float | None, context: Context) -> bool:
+    """A budget is searched when one is set, except on a dry run (untrained model, one batch)."""
+    return max_acc_drop is not None and not context.dry_run
+
+
+def _search(
+    all_int8: nn.Module,
+    build: Callable[[list[str]], nn.Module],
+    layers: list[str],
+    context: Context,
+    max_acc_drop: float,
+    method: str,
+) -> _Search:
+    """Keep the fewest layers float that bring the validation accuracy within ``max_acc_drop`` of
+    ``context.reference_val_acc``, starting from ``all_int8`` (see *Accuracy budget*).
+    ``build(keep_float)`` quantizes the float model with the layers ``keep_float`` left in float."""
+    if context.reference_val_acc is None or context.val_batches is None:
+        raise ValueError(f"{method}: max_acc_drop needs context.reference_val_acc and context.val_batches")
+    reference = context.reference_val_acc
+    batches = list(context.val_batches())  # read once: every candidate is evaluated on them
+    context = dataclasses.replace(context, val_batches=lambda: batches)
+    acc = val_accuracy(all_int8, context)
+    found = _Search(all_int8, [], max_acc_drop, reference, acc, trail=[acc])
+    log.info("%s: all int8: val acc %.4f (reference %.4f, max drop %g)", method, acc, reference, max_acc_drop)
+    if found.within_budget:
+        return found
+    found.scan = _scan(build, layers, context, reference)
+    best = (acc, all_int8, [])
+    kept: list[str] = []
+    for row in sorted(found.scan, key=lambda row: row["val_acc_int8_alone"]):
+        kept.append(row["layer"])
+        model = build(list(kept))
+        acc = val_accuracy(model, context)
+        found.trail.append(acc)
+        log.info("%s: %d layers float (last %s): val acc %.4f", method, len(kept), row["layer"], acc)
+        if acc > best[0] or reference - acc <= max_acc_drop + _TOLERANCE:
+            best = (acc, model, list(kept))
+        if reference - acc <= max_acc_drop + _TOLERANCE:
+            break
+    found.val_acc, found.model, found.float_layers = best
+    for row in found.scan:
+        row["kept_float"] = row["layer"] in found.float_layers
+    if not found.within_budget:
+        log.warning(
+            "%s: no set of float layers meets max_acc_drop=%g (reference val acc %.4f); the best keeps %d float: %.4f",
+            method,
+            max_acc_drop,
+            reference,
+            len(found.float_layers),
+            found.val_acc,
+        )
+    return found
+
+
+def _scan(
+    build: Callable[[list[str]], nn.Module], layers: list[str], context: Context, reference: float
+) -> list[dict[str, Any]]:
+    """One row per layer: the validation accuracy with only that layer in int8 (all others float)."""
+    rows = []
+    for layer in layers:
+        acc = val_accuracy(build([other for other in layers if other != layer]), context)
+        rows.append(
+            {
+                "layer": layer,
+                "val_acc_int8_alone": round(acc, 6),
+                "drop_int8_alone": round(reference - acc, 6),
+                "kept_float": False,
+            }
+        )
+    return rows
+
+
+def _compressed(
+    method: str, search: _Search | None, quantized: nn.Module, details: dict[str, Any], engine: str
+) -> Compressed:
+    """The ``Compressed`` of ``method``: the searched model when there was a budget, with the
+    search in its details and its scan among its tables."""
+    model = search.model if search is not None else quantized
+    float_layers = search.float_layers if search is not None else []
+    details["float_layers"] = list(float_layers)
+    tables = {}
+    if search is not None:
+        details.update(search.details())
+        if search.scan:
+            tables[SENSITIVITY_TABLE] = search.scan
+    return Compressed(model, method, BACKEND.describe(engine), _save(model, float_layers), details, tables)
+
+
 # -- the methods -------------------------------------------------------------------------------
 @checked
-def dynamic(model: nn.Module, context: Context) -> Compressed:
-    """Int8 weights for Linear / LSTM / GRU layers, activations quantized per batch at run time."""
+def dynamic(model: nn.Module, context: Context, *, max_acc_drop: Fraction | None) -> Compressed:
+    """Int8 weights for Linear / LSTM / GRU layers, activations quantized per batch at run time;
+    within ``max_acc_drop`` (when set) by keeping the most sensitive of those layers float."""
     _require_layers(model, DYNAMIC_TYPES, "quant_dynamic", "Linear, LSTM and GRU")
     engine = _dynamic_engine()
-    float_model = _float_copy(model)
-    total = sum(p.numel() for p in float_model.parameters())
-    covered = sum(p.numel() for m in float_model.modules() if isinstance(m, DYNAMIC_TYPES) for p in m.parameters())
-    quantized = BACKEND.dynamic(float_model, engine).eval()
-    layers = int8_layers(quantized)
+
+    def build(keep_float: list[str]) -> nn.Module:
+        return BACKEND.dynamic(_float_copy(model), engine, keep_float).eval()
+
+    quantized = build([])
+    layers = _candidates(model, DYNAMIC_TYPES)
+    search = None
+    if _budget_applies(max_acc_drop, context):
+        search = _search(quantized, build, layers, context, max_acc_drop, "quant_dynamic")
+    float_layers = set(search.float_layers if search is not None else [])
+    final = search.model if search is not None else quantized
+    total = sum(p.numel() for p in model.parameters())
+    covered = sum(
+        p.numel() for name in layers if name not in float_layers for p in model.get_submodule(name).parameters()
+    )
+    int8 = int8_layers(final)
     share = covered / total if total else 0.0
     if share < 0.5:
         log.warning(
-            "quant_dynamic: the %d Linear/LSTM/GRU layers of %s hold %.0f%% of its weights; the rest stays float "
+            "quant_dynamic: the %d int8 Linear/LSTM/GRU layers of %s hold %.0f%% of its weights; the rest stays float "
             "(quant_static quantizes convolutions)",
-            len(layers),
+            len(int8),
             type(model).__name__,
             100 * share,
         )
@@ -561,45 +800,115 @@ def dynamic(model: nn.Module, context: Context) -> Compressed:
         "engine": engine,
         "weights": "int8, per output channel (Linear)",
         "activations": "int8, scale computed per batch at run time",
-        "int8_layers": len(layers),
+        "int8_layers": len(int8),
         "int8_weight_share": round(share, 4),
-        "layers": layers,
+        "layers": int8,
     }
-    return Compressed(quantized, "quant_dynamic", BACKEND.describe(engine), _save(quantized), details)
+    return _compressed("quant_dynamic", search, quantized, details, engine)
+
+
+def _post_training(
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    input_shape: Sequence[int],
+    per_channel: bool,
+    engine: str,
+    method: str,
+    keep_float: list[str],
+) -> tuple[nn.Module, Preparation]:
+    """A copy of ``model`` quantized statically, calibrated on ``inputs``, with ``keep_float`` left float."""
+    prepared, done = BACKEND.prepare(
+        _float_copy(model), _example(input_shape), engine, per_channel, qat=False, method=method, keep_float=keep_float
+    )
+    _calibrate(prepared, inputs)
+    return BACKEND.convert(prepared, engine), done
 
 
 @checked
 def static(
-    model: nn.Module, context: Context, *, calibration_batches: Count, per_channel: bool, engine: Engine
+    model: nn.Module,
+    context: Context,
+    *,
+    calibration_batches: Count,
+    per_channel: bool,
+    engine: Engine,
+    max_acc_drop: Fraction | None,
 ) -> Compressed:
-    """Post-training static int8: fuse, insert quant/dequant stubs, calibrate, convert."""
+    """Post-training static int8: fuse, insert quant/dequant stubs, calibrate, convert; within
+    ``max_acc_drop`` (when set) by keeping the most sensitive convolutions / Linear layers float."""
     _require_layers(model, STATIC_TYPES, "quant_static", "convolution and Linear")
-    prepared, done = BACKEND.prepare(
-        _float_copy(model), _example(context.input_shape), engine, per_channel, qat=False, method="quant_static"
-    )
-    with quiet_deprecations():
-        batches, samples = _calibrate(prepared, context, calibration_batches, "quant_static")
-    quantized = BACKEND.convert(prepared, engine)
-    details = _details(quantized, done, engine, per_channel, batches, samples)
-    return Compressed(quantized, "quant_static", BACKEND.describe(engine), _save(quantized), details)
+    inputs = _calibration_inputs(context, calibration_batches, "quant_static")
+    build = functools.partial(_post_training, model, inputs, context.input_shape, per_channel, engine, "quant_static")
+    quantized, done = build([])
+    search = None
+    if _budget_applies(max_acc_drop, context):
+        layers = _candidates(model, STATIC_TYPES)
+        search = _search(quantized, lambda keep: build(keep)[0], layers, context, max_acc_drop, "quant_static")
+    details = _details(search.model if search is not None else quantized, done, engine, per_channel, inputs)
+    return _compressed("quant_static", search, quantized, details, engine)
 
 
 @checked
 def qat(
-    model: nn.Module, context: Context, *, calibration_batches: Count, per_channel: bool, engine: Engine
+    model: nn.Module,
+    context: Context,
+    *,
+    calibration_batches: Count,
+    per_channel: bool,
+    engine: Engine,
+    max_acc_drop: Fraction | None,
 ) -> Compressed:
-    """Quantization-aware fine-tuning with the distillation loss, then conversion to int8."""
+    """Quantization-aware fine-tuning with the distillation loss, then conversion to int8; with
+    ``max_acc_drop`` set, the layers a post-training search keeps float stay float throughout,
+    and the budget is checked after the fine-tuning."""
     if context.finetune is None or context.finetune_epochs < 1:
         raise ConfigError(
             f"finetune_epochs={context.finetune_epochs} is not allowed: an integer >= 1: "
             "quantization-aware training needs epochs"
         )
     _require_layers(model, STATIC_TYPES, "qat", "convolution and Linear")
+    inputs = _calibration_inputs(context, calibration_batches, "qat")
+    search = None
+    if _budget_applies(max_acc_drop, context):
+        build = functools.partial(_post_training, model, inputs, context.input_shape, per_channel, engine, "qat")
+        layers = _candidates(model, STATIC_TYPES)
+        search = _search(build([])[0], lambda keep: build(keep)[0], layers, context, max_acc_drop, "qat")
+    float_layers = search.float_layers if search is not None else []
     prepared, done = BACKEND.prepare(
-        _float_copy(model), _example(context.input_shape), engine, per_channel, qat=True, method="qat"
+        _float_copy(model),
+        _example(context.input_shape),
+        engine,
+        per_channel,
+        qat=True,
+        method="qat",
+        keep_float=float_layers,
     )
-    with quiet_deprecations():
-        batches, samples = _calibrate(prepared, context, calibration_batches, "qat")
+    _calibrate(prepared, inputs)
+    quantized = _fine_tune_and_convert(prepared, context, engine)
+    extra: dict[str, Any] = {
+        "finetune_epochs": context.finetune_epochs,
+        "frozen_last_epoch": context.finetune_epochs >= 2,
+    }
+    if search is not None:
+        extra["ptq_val_acc"] = round(search.val_acc, 6)
+        search = dataclasses.replace(search, model=quantized, val_acc=val_accuracy(quantized, context))
+        if not search.within_budget:
+            log.warning(
+                "qat: %.4f validation accuracy after fine-tuning with %d float layers misses max_acc_drop=%g "
+                "(reference %.4f)",
+                search.val_acc,
+                len(float_layers),
+                search.max_acc_drop,
+                search.reference,
+            )
+    details = {**_details(quantized, done, engine, per_channel, inputs), **extra}
+    return _compressed("qat", search, quantized, details, engine)
+
+
+def _fine_tune_and_convert(prepared: nn.Module, context: Context, engine: str) -> nn.Module:
+    """Fine-tune the fake-quantized ``prepared`` with ``context.finetune``, freezing the ranges
+    and BatchNorm statistics at the start of the last epoch (when there are two or more), and
+    convert it to int8."""
     epochs = context.finetune_epochs
     started = [0]
 
@@ -613,22 +922,18 @@ def qat(
     for parameter in prepared.parameters():  # a frozen teacher (target: teacher) comes without gradients
         parameter.requires_grad_(True)
     context.finetune(prepared, epochs, on_epoch_start=on_epoch_start)
-    quantized = BACKEND.convert(prepared, engine)
-    details = _details(quantized, done, engine, per_channel, batches, samples)
-    details["finetune_epochs"] = epochs
-    details["frozen_last_epoch"] = epochs >= 2
-    return Compressed(quantized, "qat", BACKEND.describe(engine), _save(quantized), details)
+    return BACKEND.convert(prepared, engine)
 
 
 def _details(
-    quantized: nn.Module, done: Preparation, engine: str, per_channel: bool, batches: int, samples: int
+    quantized: nn.Module, done: Preparation, engine: str, per_channel: bool, inputs: Sequence[Tensor]
 ) -> dict[str, Any]:
     layers = int8_layers(quantized)
     return {
         "engine": engine,
         "per_channel": per_channel,
-        "calibration_batches": batches,
-        "calibration_samples": samples,
+        "calibration_batches": len(inputs),
+        "calibration_samples": sum(len(x) for x in inputs),
         "int8_layers": len(layers),
         "layers": layers,
         "fused": ["+".join(group) for group in done.fused],
@@ -639,36 +944,41 @@ def _details(
 
 # -- reloading -----------------------------------------------------------------------------------
 def load_dynamic(path: Any, model: nn.Module) -> nn.Module:
-    """The int8 model saved by ``dynamic``, given a freshly built float ``model`` of the same architecture."""
+    """The int8 model saved by ``dynamic``, given a freshly built float ``model`` of the same
+    architecture; the float layers named in the file stay float."""
+    state, float_layers = _read(path)
     engine = _dynamic_engine()
-    return _load_state(BACKEND.dynamic(_float_copy(model), engine), path, engine)
+    return _load_state(BACKEND.dynamic(_float_copy(model), engine, float_layers), state, engine)
 
 
 def load_static(
     path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True, engine: str = "x86"
 ) -> nn.Module:
-    """The int8 model saved by ``static``: same fusion, stubs and conversion, then the saved state."""
+    """The int8 model saved by ``static``: same fusion, float layers, stubs and conversion, then the saved state."""
     return _load_prepared(path, model, input_shape, per_channel, engine, qat=False)
 
 
 def load_qat(
     path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool = True, engine: str = "x86"
 ) -> nn.Module:
-    """The int8 model saved by ``qat``: same fusion, stubs, prepare_qat and conversion, then the saved state."""
+    """The int8 model saved by ``qat``: same fusion, float layers, stubs, prepare_qat and conversion,
+    then the saved state."""
     return _load_prepared(path, model, input_shape, per_channel, engine, qat=True)
 
 
 def _load_prepared(
     path: Any, model: nn.Module, input_shape: Sequence[int], per_channel: bool, engine: str, qat: bool
 ) -> nn.Module:
+    state, float_layers = _read(path)
     example = _example(input_shape)
+    method = "qat" if qat else "quant_static"
     prepared, _ = BACKEND.prepare(
-        _float_copy(model), example, engine, per_channel, qat=qat, method="qat" if qat else "quant_static"
+        _float_copy(model), example, engine, per_channel, qat=qat, method=method, keep_float=float_layers
     )
     prepared.eval()
     with quiet_deprecations(), torch.no_grad():
         prepared(example)  # gives the observers a range; the saved scales replace it
-    return _load_state(BACKEND.convert(prepared, engine), path, engine)
+    return _load_state(BACKEND.convert(prepared, engine), state, engine)
 
 
 def load(
