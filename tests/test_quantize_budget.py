@@ -245,7 +245,7 @@ def test_an_unreachable_budget_is_reported_with_the_best_model_found(fragile_mlp
 def test_a_budget_outside_its_range_is_one_line(cnn, digits):
     with pytest.raises(ConfigError) as error:
         _static(cnn, _context(cnn, digits), 1.5)
-    assert str(error.value) == "max_acc_drop=1.5 is not allowed: a fraction in (0, 1), or null"
+    assert str(error.value) == "max_acc_drop=1.5 is not allowed: an accuracy drop in [0, 1), or null"
 
 
 # -- the saved artifact -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 __all__ = [
+    "AccuracyDrop",
     "REQUIRED",
     "UNRESOLVED",
     "ConfigError",
@@ -110,6 +111,8 @@ def _num(value: float) -> str:
 
 
 Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True, what="a fraction")]
+#: the largest loss of validation accuracy a compression may cause (0: none at all)
+AccuracyDrop = Annotated[float, Range(0, 1, high_open=True, what="an accuracy drop")]
 Weight = Annotated[float, Range(0, what="a weight")]
 Positive = Annotated[float, Range(0, low_open=True)]
 Temperature = Annotated[float, Range(0, low_open=True, what="a temperature")]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab import measure
-from distillab.settings import ConfigError, Count, Fraction, NonNegativeCount
+from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, NonNegativeCount
 
 
 @dataclass
@@ -99,7 +99,7 @@ class CompressSettings:
     target: Literal["student", "teacher"]
     finetune_epochs: NonNegativeCount
     amount: Fraction | None
-    max_acc_drop: Fraction | None
+    max_acc_drop: AccuracyDrop | None
     cycles: Count
 
 

@@ -115,7 +115,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.overrides import TorchFunctionMode
 
 from distillab.compress import Compressed, Context, val_accuracy
-from distillab.settings import ConfigError, Count, Fraction, checked
+from distillab.settings import AccuracyDrop, ConfigError, Count, checked
 
 log = logging.getLogger(__name__)
 
@@ -766,7 +766,7 @@ def _compressed(
 
 # -- the methods -------------------------------------------------------------------------------
 @checked
-def dynamic(model: nn.Module, context: Context, *, max_acc_drop: Fraction | None) -> Compressed:
+def dynamic(model: nn.Module, context: Context, *, max_acc_drop: AccuracyDrop | None) -> Compressed:
     """Int8 weights for Linear / LSTM / GRU layers, activations quantized per batch at run time;
     within ``max_acc_drop`` (when set) by keeping the most sensitive of those layers float."""
     _require_layers(model, DYNAMIC_TYPES, "quant_dynamic", "Linear, LSTM and GRU")
@@ -832,7 +832,7 @@ def static(
     calibration_batches: Count,
     per_channel: bool,
     engine: Engine,
-    max_acc_drop: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
 ) -> Compressed:
     """Post-training static int8: fuse, insert quant/dequant stubs, calibrate, convert; within
     ``max_acc_drop`` (when set) by keeping the most sensitive convolutions / Linear layers float."""
@@ -856,7 +856,7 @@ def qat(
     calibration_batches: Count,
     per_channel: bool,
     engine: Engine,
-    max_acc_drop: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
 ) -> Compressed:
     """Quantization-aware fine-tuning with the distillation loss, then conversion to int8; with
     ``max_acc_drop`` set, the layers a post-training search keeps float stay float throughout,
