@@ -39,6 +39,8 @@ def values_of(step: dict) -> dict:
 def test_every_option_is_listed():
     assert set(OPTIONS) == {
         "none",
+        "ort_int8_dynamic",
+        "ort_int8_static",
         "prune_structured",
         "prune_structured+quant_static",
         "prune_unstructured",

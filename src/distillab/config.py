@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, ListConfig, OmegaConf
 
-from distillab import settings
+from distillab import export, settings
 from distillab.settings import ConfigError
 
 __all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "plain", "resolved", "validate"]
@@ -26,6 +26,7 @@ NODES = {
     "measure": "distillab.measure.MeasureSettings",
     "teacher_outputs": "distillab.teacher.outputs.OutputSettings",
     "ensemble": "distillab.teacher.ensemble.EnsembleSettings",
+    "export": "distillab.export.ExportSettings",
 }
 #: keys of the teacher and student nodes that belong to the role, beside the architecture's,
 #: with the settings dataclass of each role
@@ -53,6 +54,8 @@ def validate(cfg: DictConfig) -> None:
     for key, target in NODES.items():
         if key in cfg:
             settings.check(key, plain(cfg[key]), target)
+    if "export" in cfg:  # what a format needs beyond the types: its settings and packages
+        export.check(plain(cfg.export))
     if "trainer" in cfg and cfg.trainer.get("sync_batchnorm") is True and cfg.trainer.get("accelerator") == "cpu":
         raise ConfigError(
             "trainer.sync_batchnorm=True is not allowed: false with accelerator=cpu "

@@ -29,7 +29,11 @@ class MeasureSettings:
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
     """Every parameter tensor, including the packed weights and biases of quantized layers,
-    which are not ``nn.Parameter``s (their integer values for quantized ones)."""
+    which are not ``nn.Parameter``s (their integer values for quantized ones). A model run by
+    another runtime (``compress.ort.OrtModel``) lists the weights its file stores itself."""
+    stored = getattr(model, "stored_tensors", None)
+    if callable(stored):
+        return stored()
     tensors = [p.detach() for p in model.parameters()]
     for module in model.modules():
         if _is_quantized(module):
@@ -40,8 +44,9 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
-# quantized layers (fused ones like ConvReLU2d live in the intrinsic package)
-QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+# quantized layers (fused ones like ConvReLU2d live in the intrinsic package), and models run by
+# ONNX Runtime (compress/ort.py), which like them perform the MACs of the float model they came from
+QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "distillab.compress.ort")
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -58,7 +63,11 @@ def nonzero_params(model: nn.Module) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of the saved ``state_dict``: the artifact a user would ship."""
+    """Bytes of the saved ``state_dict``: the artifact a user would ship; of the ONNX file for a
+    model run by ONNX Runtime."""
+    onnx_bytes = getattr(model, "onnx_bytes", None)
+    if isinstance(onnx_bytes, bytes):
+        return len(onnx_bytes)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes

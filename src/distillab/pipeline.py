@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillab import build, job, loggers, results, resume, slots, training
+from distillab import build, export, job, loggers, results, resume, slots, training
 from distillab.compress import stage
 from distillab.config import ConfigError, resolved, validate
 from distillab.data import adapter
@@ -211,15 +211,14 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         mode,
         Path(cfg.paths.root_dir),
         assistant=helper,
-        peers=[
-            (parts.names[role], model) for role, model in zip(method_contract.peer_roles(parts.method), parts.peers)
-        ],
+        peers=[(parts.names[r], peer) for r, peer in zip(method_contract.peer_roles(parts.method), parts.peers)],
     )
     if "student" in record:
         # regressors and embeddings of feature methods train with the student but are not deployed
         record["student"]["extra_params"] = sum(p.numel() for p in parts.method.parameters())
         if init is not None:
             record["student"]["init"] = init
+    record |= export.run(cfg.get("export"), student, compressed, parts.data, parts.info.input_shape, how, parts.out)
     timing["total"] = time.perf_counter() - start
     record["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
     path = results.write(parts.out, record)
