@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from distillab.compress import Compressed, Context, val_accuracy
 from distillab.export import Opset, require_extra, to_onnx
 from distillab.io import atomic_write_bytes
-from distillab.settings import ConfigError, Count, Fraction, checked
+from distillab.settings import AccuracyDrop, ConfigError, Count, checked
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def int8_dynamic(
     reduce_range: bool,
     op_types: list[Literal["Conv", "Gemm", "MatMul"]],
     opset: Opset,
-    max_acc_drop: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
 ) -> Compressed:
     """Int8 weights of the ``op_types`` nodes, activations quantized per batch at run time, by ONNX
     Runtime; within ``max_acc_drop`` (when set) by keeping the most sensitive layers float."""
@@ -461,7 +461,7 @@ def int8_static(
     reduce_range: bool,
     calibrate_method: Literal["minmax", "entropy", "percentile"],
     opset: Opset,
-    max_acc_drop: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
 ) -> Compressed:
     """Int8 weights and activations (QDQ format, ranges calibrated on ``calibration_batches``
     training batches) by ONNX Runtime; within ``max_acc_drop`` (when set) by keeping the most
