@@ -92,7 +92,7 @@ def test_compress_settings_declaration():
         ("prune_structured", "amount", 1.5, "a fraction in (0, 1), or null"),
         ("prune_structured", "iterative_steps", 0, "an integer >= 1"),
         ("prune_structured", "target_params", 0, "an integer >= 1, or null"),
-        ("prune_unstructured", "amount", 1.5, "a fraction in (0, 1)"),
+        ("prune_unstructured", "amount", 1.5, "a fraction in (0, 1), or null"),
         ("prune_unstructured", "scope", "net", "one of global, layer"),
         ("prune_unstructured", "schedule", "slow", "one of oneshot, gradual"),
         ("quant_static", "calibration_batches", 0, "an integer >= 1"),
@@ -187,4 +187,4 @@ def test_a_method_called_with_a_bad_value_says_so():
         compress.apply(
             node, CNN(SHAPE, 10, width=8, blocks=1, dropout=0.0), Context(SHAPE, _batches), "prune_unstructured"
         )
-    assert str(caught.value) == "amount=1.5 is not allowed: a fraction in (0, 1)"
+    assert str(caught.value) == "amount=1.5 is not allowed: a fraction in (0, 1), or null"

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from distillab import conf, measure
-from distillab.compress import PIPELINE_KEYS, Compressed, Context
+from distillab.compress import PIPELINE_KEYS, SHARED, Compressed, Context
 from distillab.compress import prune as P
 from distillab.compress.prune import PRUNABLE, cubic_sparsity, load_structured, load_unstructured
 from distillab.models import CNN, MLP, resnet20
@@ -24,13 +24,11 @@ CIFAR = (3, 32, 32)
 
 
 def configured(option: str) -> dict:
-    """The settings ``conf/compress/<option>.yaml`` gives its function, ``amount`` included."""
+    """The settings ``conf/compress/<option>.yaml`` gives its function, the shared pipeline keys
+    (``amount``, ``max_acc_drop``, ``cycles``) included."""
     node = OmegaConf.to_container(conf.load("compress", option))
-    return {
-        key: value
-        for key, value in node.items()
-        if key == "amount" or key not in ("_target_", "_partial_", *PIPELINE_KEYS)
-    }
+    own = ("_target_", "_partial_", *PIPELINE_KEYS)
+    return {key: value for key, value in node.items() if key in SHARED or key not in own}
 
 
 def unstructured(model: nn.Module, context: Context, **settings) -> Compressed:

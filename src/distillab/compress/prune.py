@@ -6,7 +6,11 @@ before; the gain is the size of a sparse artifact (``save``). ``structured`` rem
 channels with torch-pruning, following the dependencies between layers (residual sums, BN,
 the next layer's inputs), so the result is a smaller dense model that is really faster.
 
-Both return a new model; the input model is never modified.
+Both prune by one ``amount``, in one shot or in ``cycles`` of prune → fine-tune
+(``budget.prune_in_cycles``: ``tables["cycles"]``), or to an accuracy budget ``max_acc_drop``,
+where a sensitivity scan and a greedy search choose the amount of each layer
+(``budget.prune_within_budget``: ``details["budget"]``, ``tables["sensitivity"]``). Both
+return a new model; the input model is never modified.
 """
 
 from __future__ import annotations
@@ -25,8 +29,19 @@ from torch.nn.utils import prune
 
 from distillab import measure
 from distillab.compress import Compressed, Context
+from distillab.compress.budget import (
+    LayerPruning,
+    Objective,
+    SparseObjective,
+    check_budget_exclusions,
+    check_cycles,
+    check_scan_amounts,
+    latency_cost,
+    prune_in_cycles,
+    prune_within_budget,
+)
 from distillab.distill.labels import labelled_cross_entropy
-from distillab.settings import ConfigError, Count, Fraction, checked
+from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, checked
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 UNSTRUCTURED_FORMAT = "distillab.prune_unstructured/1"
@@ -71,9 +86,14 @@ def unstructured(
     model: nn.Module,
     context: Context,
     *,
-    amount: Fraction,
+    amount: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
+    cycles: Count,
     scope: Literal["global", "layer"],
     schedule: Literal["oneshot", "gradual"],
+    objective: SparseObjective,
+    scan_amounts: list[Fraction],
+    finetune_attempts: Count,
 ) -> Compressed:
     """Zero the fraction ``amount`` of the Conv/Linear weights with the smallest magnitude.
 
@@ -81,20 +101,46 @@ def unstructured(
     ``layer`` removes ``amount`` of each layer. Biases and BatchNorm are left alone: they are
     few and pruning them saves nothing. ``oneshot`` prunes once, then fine-tunes with the
     masks held; ``gradual`` raises the sparsity at the start of each fine-tuning epoch along
-    :func:`cubic_sparsity`, so the model adapts while weights disappear. The masks are made
-    permanent at the end: the result is a plain module whose weights contain zeros.
-    """
-    if not _prunable_layers(model):
-        raise ConfigError(
-            f"model={type(model).__name__} is not allowed: prune_unstructured needs a Conv or Linear layer"
-        )
-    if schedule == "gradual" and (context.finetune is None or context.finetune_epochs < 1):
-        raise ConfigError("schedule='gradual' is not allowed: it needs finetune_epochs >= 1 to spread the pruning over")
+    :func:`cubic_sparsity`, so the model adapts while weights disappear. ``cycles`` > 1 prunes
+    and fine-tunes that many times up to ``amount`` (``budget.cycle_amounts``), the masks held.
+    The masks are made permanent at the end: the result is a plain module whose weights contain zeros.
 
-    pruned = copy.deepcopy(model)
-    targets = [(module, "weight") for _, module in _prunable_layers(pruned)]
-    sparsities = _prune_and_finetune(pruned, targets, context, float(amount), scope, schedule)
-    _make_permanent(targets)
+    ``max_acc_drop`` (with ``amount`` null) chooses the amount of each layer instead: the largest
+    removal of ``objective`` (``params``: nonzero Conv/Linear weights; ``macs``: the MACs whose
+    weight is nonzero, what a sparse kernel would compute) that keeps the validation accuracy
+    within the budget, by a scan over ``scan_amounts``, a greedy search and fine-tunings along the
+    search's path (``finetune_attempts``; see ``budget``). ``scope`` does not apply then.
+    """
+    _check_unstructured_options(model, context, amount, max_acc_drop, cycles, schedule, scan_amounts)
+    if max_acc_drop is not None:
+        found = prune_within_budget(
+            model,
+            weight_zeroing(model, context.input_shape, check_scan_amounts(scan_amounts)),
+            context,
+            max_acc_drop=float(max_acc_drop),
+            objective=objective,
+            finetune_attempts=int(finetune_attempts),
+        )
+        pruned, tables = found.model, {"sensitivity": found.sensitivity}
+        extra = {
+            "amount": None,
+            "scope": None,
+            "sparsity_per_epoch": None,
+            "cycle_amounts": None,
+            "budget": found.details,
+        }
+    else:
+        pruned = copy.deepcopy(model)
+        targets = [(module, "weight") for _, module in _prunable_layers(pruned)]
+        sparsities, tables = _prune_and_finetune(pruned, targets, context, float(amount), scope, schedule, int(cycles))
+        extra = {
+            "amount": float(amount),
+            "scope": scope,
+            "sparsity_per_epoch": [round(s, 6) for s in sparsities] if schedule == "gradual" else None,
+            "cycle_amounts": [round(s, 6) for s in sparsities] if cycles > 1 else None,
+            "budget": None,
+        }
+    _make_permanent([(module, "weight") for _, module in _prunable_layers(pruned)])
 
     names = [f"{name}.weight" for name, _ in _prunable_layers(pruned)]
     return Compressed(
@@ -102,20 +148,73 @@ def unstructured(
         method="prune_unstructured",
         backend="torch.nn.utils.prune",
         save=lambda path: torch.save(_sparse_artifact(pruned, names), path),
-        details=_unstructured_details(pruned, names, amount, scope, schedule, sparsities),
+        details={"schedule": schedule, "cycles": int(cycles), **extra, **_sparsity_facts(pruned, names)},
+        tables=tables,
     )
 
 
+def _check_unstructured_options(
+    model: nn.Module,
+    context: Context,
+    amount: float | None,
+    max_acc_drop: float | None,
+    cycles: int,
+    schedule: str,
+    scan_amounts: list[float],
+) -> None:
+    """The checks across settings (each setting's own range is its annotation's)."""
+    if not _prunable_layers(model):
+        raise ConfigError(
+            f"model={type(model).__name__} is not allowed: prune_unstructured needs a Conv or Linear layer"
+        )
+    if amount is None and max_acc_drop is None:
+        raise ConfigError(
+            "amount=None is not allowed: a fraction in (0, 1) of the weights to zero, unless max_acc_drop is set"
+        )
+    check_budget_exclusions(max_acc_drop, cycles, amount=amount)
+    check_scan_amounts(scan_amounts)
+    if schedule == "gradual" and max_acc_drop is not None:
+        raise ConfigError(
+            f"schedule='gradual' is not allowed with max_acc_drop={max_acc_drop}: the budget search prunes at once "
+            "and checks the accuracy before and after fine-tuning; use schedule=oneshot"
+        )
+    if schedule == "gradual" and cycles > 1:
+        raise ConfigError(
+            f"cycles={cycles} is not allowed with schedule='gradual': the gradual schedule already spreads the "
+            "pruning over the fine-tuning epochs; use cycles=1 or schedule=oneshot"
+        )
+    if schedule == "gradual" and (context.finetune is None or context.finetune_epochs < 1):
+        raise ConfigError("schedule='gradual' is not allowed: it needs finetune_epochs >= 1 to spread the pruning over")
+    check_cycles(cycles, context)
+
+
 def _prune_and_finetune(
-    model: nn.Module, targets: list[tuple[nn.Module, str]], context: Context, amount: float, scope: str, schedule: str
-) -> list[float]:
-    """Prune ``targets`` to ``amount`` along ``schedule``, fine-tuning with the masks held;
-    the sparsity of each fine-tuning epoch (just ``amount`` for oneshot)."""
+    model: nn.Module,
+    targets: list[tuple[nn.Module, str]],
+    context: Context,
+    amount: float,
+    scope: str,
+    schedule: str,
+    cycles: int,
+) -> tuple[list[float], dict[str, list[dict[str, Any]]]]:
+    """Prune ``targets`` to ``amount`` along ``schedule`` or in ``cycles``, fine-tuning with the
+    masks held; the sparsity of each fine-tuning epoch (gradual) or cycle (just ``amount`` for a
+    one-shot pruning), and the tables (``cycles``)."""
+    if cycles > 1:
+        rows = prune_in_cycles(
+            model,
+            context,
+            amount,
+            cycles,
+            lambda _, sparsity: _prune_to(targets, sparsity, scope),
+            _sparse_footprint,
+        )
+        return [row["amount"] for row in rows[1:]], {"cycles": rows}
     if schedule == "oneshot":
         _prune_to(targets, amount, scope)
         if context.finetune is not None:
             context.finetune(model, context.finetune_epochs)
-        return [amount]
+        return [amount], {}
     epochs = context.finetune_epochs
     sparsities = [cubic_sparsity(amount, epoch, epochs) for epoch in range(epochs)]
 
@@ -126,7 +225,7 @@ def _prune_and_finetune(
     # normally a no-op (the last epoch started at ``amount`` and the zeros rank lowest); it
     # guarantees the target if the fine-tuning stopped early
     _prune_to(targets, amount, scope)
-    return sparsities
+    return sparsities, {}
 
 
 def cubic_sparsity(amount: float, epoch: int, epochs: int) -> float:
@@ -157,17 +256,12 @@ def _make_permanent(targets: list[tuple[nn.Module, str]]) -> None:
             prune.remove(module, name)
 
 
-def _unstructured_details(
-    model: nn.Module, names: list[str], amount: float, scope: str, schedule: str, sparsities: list[float]
-) -> dict[str, Any]:
+def _sparsity_facts(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """What the zeros of ``model`` (a plain module) amount to, for ``details``."""
     state = model.state_dict()
     total = sum(state[name].numel() for name in names)
     nonzero = sum(int(torch.count_nonzero(state[name])) for name in names)
     return {
-        "amount": float(amount),
-        "scope": scope,
-        "schedule": schedule,
-        "sparsity_per_epoch": [round(s, 6) for s in sparsities] if schedule == "gradual" else None,
         "prunable_weights": total,
         "zeroed_weights": total - nonzero,
         "nonzero_fraction": nonzero / total,
@@ -176,6 +270,71 @@ def _unstructured_details(
         "sparse_encoding": SPARSE_ENCODING,
         "latency_note": DENSE_LATENCY_NOTE,
     }
+
+
+def _sparse_footprint(model: nn.Module) -> dict[str, int]:
+    """Parameters, nonzero parameters and sparse-artifact bytes of ``model`` with its masks applied
+    (measured on a copy whose masks are made permanent): a row of ``tables["cycles"]``."""
+    plain = copy.deepcopy(model)
+    _make_permanent([(module, "weight") for _, module in _prunable_layers(plain)])
+    names = [f"{name}.weight" for name, _ in _prunable_layers(plain)]
+    return {
+        "params": measure.params(plain),
+        "nonzero_params": measure.nonzero_params(plain),
+        "size_bytes": _serialized_bytes(_sparse_artifact(plain, names)),
+    }
+
+
+def weight_zeroing(model: nn.Module, input_shape: tuple[int, ...], scan_amounts: list[float]) -> LayerPruning:
+    """Unstructured pruning as the budget search sees it: each Conv/Linear weight of ``model``
+    zeroed by its own amount (of that layer's weights, smallest magnitudes first), with the masks
+    held so that fine-tuning keeps the zeros. Its cost counts nonzero weights (``params``) and the
+    MACs that multiply a nonzero weight (``macs``)."""
+    uses = _weight_uses(model, input_shape)
+
+    def prune_layers(source: nn.Module, amounts: dict[str, float]) -> nn.Module:
+        pruned = copy.deepcopy(source)
+        for name, amount in amounts.items():
+            prune.l1_unstructured(pruned.get_submodule(name), "weight", amount=amount)
+        return pruned
+
+    def cost(candidate: nn.Module) -> dict[str, float]:
+        nonzero = {name: int(torch.count_nonzero(_masked_weight(m))) for name, m in _prunable_layers(candidate)}
+        return {"params": sum(nonzero.values()), "macs": sum(n * uses[name] for name, n in nonzero.items())}
+
+    return LayerPruning({name: list(scan_amounts) for name in uses}, prune_layers, cost)
+
+
+def _masked_weight(module: nn.Module) -> Tensor:
+    """The weight a forward pass uses: the original times the mask while a mask is held."""
+    if hasattr(module, "weight_mask"):
+        return module.weight_orig.detach() * module.weight_mask
+    return module.weight.detach()
+
+
+def _weight_uses(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """How many multiply-accumulates each weight element of each Conv/Linear layer takes part in,
+    per sample: the output positions of its layer (H_out·W_out of a 2-D conv, 1 of a Linear)."""
+    uses: dict[str, int] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            uses[name] = output.numel() // (output.shape[0] * module.weight.shape[0])
+
+        return record
+
+    layers = _prunable_layers(model)
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: uses[name] for name, _ in layers if name in uses}
 
 
 def _serialized_bytes(obj: Any) -> int:
@@ -239,11 +398,16 @@ def structured(
     context: Context,
     *,
     amount: Fraction | None,
+    max_acc_drop: AccuracyDrop | None,
+    cycles: Count,
     target_params: Count | None,
     target_macs: Count | None,
     importance: Importance,
     iterative_steps: Count,
     round_to: Count | None,
+    objective: Objective,
+    scan_amounts: list[Fraction],
+    finetune_attempts: Count,
 ) -> Compressed:
     """Remove output channels (filters, hidden units) and everything that depends on them.
 
@@ -255,38 +419,43 @@ def structured(
     again after each. ``target_params`` / ``target_macs`` replace ``amount``: the ratio rises in
     small steps until the model fits the budget(s). The classifier's outputs (the last layer
     run) are never pruned. Fine-tunes after pruning when the run has fine-tuning epochs.
+
+    ``cycles`` > 1 prunes and fine-tunes that many times up to ``amount``, each group cut to the
+    channels ``amount`` leaves it after the last cycle (``budget.cycle_amounts``).
+    ``max_acc_drop`` (with ``amount``, ``target_params`` and ``target_macs`` null) chooses the
+    amount of each group instead: the largest removal of ``objective`` (params, MACs or batch-64
+    latency) that keeps the validation accuracy within the budget, by a scan over
+    ``scan_amounts``, a greedy search and fine-tunings along the search's path
+    (``finetune_attempts``; see ``budget``).
     """
     budgets = {
         key: value
         for key, value in (("target_params", target_params), ("target_macs", target_macs))
         if value is not None
     }
-    _check_structured_options(model, amount, budgets, importance)
+    _check_structured_options(model, context, amount, max_acc_drop, cycles, budgets, importance, scan_amounts)
     before = {"params": measure.params(model), "macs": measure.macs(model, context.input_shape)}
     _check_budgets(budgets, before)
+    how = {"importance": importance, "iterative_steps": int(iterative_steps), "round_to": round_to}
+    channels_before = _out_channels(model)
 
-    pruned = copy.deepcopy(model)
-    channels_before = _out_channels(pruned)
-    was_training = pruned.training
-    pruned.eval()
-    ratio = _prune_channels(
-        pruned, context, None if budgets else float(amount), budgets, importance, int(iterative_steps), round_to
-    )
-    pruned.zero_grad(set_to_none=True)
-    pruned.train(was_training)
-    if context.finetune is not None:
-        context.finetune(pruned, context.finetune_epochs)
+    if max_acc_drop is not None:
+        pruned, extra, tables = _structured_within_budget(
+            model, context, how, float(max_acc_drop), objective, check_scan_amounts(scan_amounts), finetune_attempts
+        )
+    elif cycles > 1:
+        pruned, extra, tables = _structured_in_cycles(model, context, how, float(amount), int(cycles))
+    else:
+        pruned, extra, tables = _structured_at_once(model, context, how, amount, budgets)
 
     after = {"params": measure.params(pruned), "macs": measure.macs(pruned, context.input_shape)}
     details = {
-        "amount": None if budgets else float(amount),
-        "ranking": "per layer group (local pruning_ratio)",
-        "channel_ratio": ratio,
+        **extra,
         "importance": importance,
-        "iterative_steps": None if budgets else int(iterative_steps),
         "round_to": round_to,
         "target_params": target_params,
         "target_macs": target_macs,
+        "cycles": int(cycles),
         **{f"{key}_before": value for key, value in before.items()},
         **{f"{key}_after": value for key, value in after.items()},
         "param_ratio": after["params"] / before["params"],
@@ -301,18 +470,220 @@ def structured(
         backend=f"torch-pruning {_tp().__version__} (tp.pruner.MetaPruner)",
         save=lambda path: torch.save(_structured_artifact(pruned), path),
         details=details,
+        tables=tables,
     )
 
 
-def _check_structured_options(model: nn.Module, amount: float | None, budgets: dict[str, int], importance: str) -> None:
+def _check_structured_options(
+    model: nn.Module,
+    context: Context,
+    amount: float | None,
+    max_acc_drop: float | None,
+    cycles: int,
+    budgets: dict[str, int],
+    importance: str,
+    scan_amounts: list[float],
+) -> None:
     """The checks across settings (each setting's own range is its annotation's)."""
-    if not budgets and amount is None:
+    if not budgets and amount is None and max_acc_drop is None:
         raise ConfigError(
             "amount=None is not allowed: a fraction in (0, 1) of the channels of each layer to remove, "
-            "unless target_params or target_macs is set"
+            "unless max_acc_drop, target_params or target_macs is set"
         )
+    check_budget_exclusions(max_acc_drop, cycles, amount=amount, **budgets)
+    if cycles > 1 and budgets:
+        key, value = next(iter(budgets.items()))
+        raise ConfigError(
+            f"cycles={cycles} is not allowed with {key}={value}: cycles prune up to amount; "
+            f"use cycles=1, or amount with {key}=null"
+        )
+    check_cycles(cycles, context)
+    check_scan_amounts(scan_amounts)
     if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError("importance='bn_scale' is not allowed: the model has no BatchNorm layer to rank by")
+
+
+def _structured_at_once(
+    model: nn.Module, context: Context, how: dict[str, Any], amount: float | None, budgets: dict[str, int]
+) -> tuple[nn.Module, dict[str, Any], dict]:
+    """Prune a copy of ``model`` once, to ``amount`` or to ``budgets``, then fine-tune it."""
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval()
+    ratio = _prune_channels(
+        pruned,
+        context,
+        None if budgets else float(amount),
+        budgets,
+        how["importance"],
+        how["iterative_steps"],
+        how["round_to"],
+    )
+    pruned.zero_grad(set_to_none=True)
+    pruned.train(was_training)
+    if context.finetune is not None:
+        context.finetune(pruned, context.finetune_epochs)
+    extra = {
+        "amount": None if budgets else float(amount),
+        "ranking": "per layer group (local pruning_ratio)",
+        "channel_ratio": ratio,
+        "iterative_steps": None if budgets else how["iterative_steps"],
+        "cycle_amounts": None,
+        "budget": None,
+    }
+    return pruned, extra, {}
+
+
+def _structured_in_cycles(
+    model: nn.Module, context: Context, how: dict[str, Any], amount: float, cycles: int
+) -> tuple[nn.Module, dict[str, Any], dict]:
+    """Prune a copy of ``model`` in ``cycles`` prune → fine-tune cycles up to ``amount``: at each, every
+    group is cut to the channels the cycle's amount leaves of its *original* channels, so the last
+    cycle ends where a one-shot pruning to ``amount`` would."""
+    pruned = copy.deepcopy(model)
+    groups = _groups_of(pruned, context, how["importance"])
+    _check_no_layer_emptied(list(groups.items()), amount, how["round_to"])
+
+    def prune_to(target: nn.Module, cumulative: float) -> None:
+        kept = {name: _kept(channels, cumulative, how["round_to"]) for name, channels in groups.items()}
+        _prune_groups(target, context, kept, how)
+
+    rows = prune_in_cycles(pruned, context, amount, cycles, prune_to, _structured_footprint)
+    extra = {
+        "amount": amount,
+        "ranking": "per layer group (local pruning_ratio)",
+        "channel_ratio": amount,
+        "iterative_steps": how["iterative_steps"],
+        "cycle_amounts": [round(row["amount"], 6) for row in rows[1:]],
+        "budget": None,
+    }
+    return pruned, extra, {"cycles": rows}
+
+
+def _structured_within_budget(
+    model: nn.Module,
+    context: Context,
+    how: dict[str, Any],
+    max_acc_drop: float,
+    objective: str,
+    scan_amounts: list[float],
+    finetune_attempts: int,
+) -> tuple[nn.Module, dict[str, Any], dict]:
+    """Choose each group's amount by the accuracy budget (``budget.prune_within_budget``)."""
+    found = prune_within_budget(
+        model,
+        channel_removal(model, context, scan_amounts=scan_amounts, objective=objective, **how),
+        context,
+        max_acc_drop=max_acc_drop,
+        objective=objective,
+        finetune_attempts=int(finetune_attempts),
+    )
+    extra = {
+        "amount": None,
+        "ranking": "per layer group, amounts chosen by the accuracy budget",
+        "channel_ratio": None,
+        "iterative_steps": how["iterative_steps"],
+        "cycle_amounts": None,
+        "budget": found.details,
+    }
+    return found.model, extra, {"sensitivity": found.sensitivity}
+
+
+def channel_removal(
+    model: nn.Module,
+    context: Context,
+    *,
+    importance: str,
+    iterative_steps: int,
+    round_to: int | None,
+    scan_amounts: list[float],
+    objective: str,
+) -> LayerPruning:
+    """Structured pruning as the budget search sees it: the groups of coupled layers of ``model``
+    (named by their root layer), each cut by its own amount of its channels. A group's grid is the
+    scan amounts that leave it a channel and a count of its own (``_grid``). Its cost counts
+    parameters, MACs and, for ``objective=latency``, the batch-64 latency (``latency_ms``)."""
+    groups = _groups_of(model, context, importance)
+    grids = {name: _grid(channels, scan_amounts, round_to) for name, channels in groups.items()}
+    grids = {name: grid for name, grid in grids.items() if grid}
+    if not grids:
+        raise ConfigError(
+            f"scan_amounts={scan_amounts} is not allowed: no amount of it removes channels of any layer "
+            "without removing them all"
+        )
+    how = {"importance": importance, "iterative_steps": iterative_steps, "round_to": round_to}
+
+    def prune_layers(source: nn.Module, amounts: dict[str, float]) -> nn.Module:
+        pruned = copy.deepcopy(source)
+        _prune_groups(pruned, context, {name: _kept(groups[name], a, round_to) for name, a in amounts.items()}, how)
+        return pruned
+
+    def cost(candidate: nn.Module) -> dict[str, float]:
+        counts = {"params": measure.params(candidate), "macs": measure.macs(candidate, context.input_shape)}
+        return counts | ({"latency_ms": latency_cost(candidate, context)} if objective == "latency" else {})
+
+    return LayerPruning(grids, prune_layers, cost)
+
+
+def _grid(channels: int, scan_amounts: list[float], round_to: int | None) -> list[float]:
+    """The scan amounts a group of ``channels`` can take: those that leave it a channel, the first
+    of those that leave it the same count (the others would prune it identically)."""
+    grid, seen = [], {channels}
+    for amount in scan_amounts:
+        kept = _kept(channels, amount, round_to)
+        if kept >= 1 and kept not in seen:
+            grid.append(amount)
+            seen.add(kept)
+    return grid
+
+
+def _groups_of(model: nn.Module, context: Context, importance: str) -> dict[str, int]:
+    """Root layer name → output channels of every group of ``model`` that can lose channels."""
+    was_training = model.training
+    model.eval()
+    try:
+        classifier = _output_layer(model, context.input_shape)
+        _check_prunable_besides(model, classifier)
+        return dict(_pruning_groups(model, context.input_shape, classifier, importance))
+    finally:
+        model.train(was_training)
+
+
+def _prune_groups(model: nn.Module, context: Context, kept: dict[str, int], how: dict[str, Any]) -> None:
+    """Cut the group rooted at each layer named in ``kept`` down to that many channels, in place
+    (``how``: importance, iterative_steps, round_to)."""
+    was_training = model.training
+    model.eval()
+    classifier = _output_layer(model, context.input_shape)
+    ratios = {}
+    for name, count in kept.items():
+        root = model.get_submodule(name)
+        current = _channels(root)
+        if current > count:
+            # torch-pruning keeps int(current * (1 - ratio)) channels; half a channel of margin makes
+            # that exactly ``count`` whatever the float rounding
+            ratios[root] = (current - count - 0.5) / current
+    if ratios:
+        steps = how["iterative_steps"]
+        pruner = _pruner(model, context.input_shape, classifier, how["importance"], 0.0, steps, how["round_to"], ratios)
+        _run_steps(pruner, model, context, how["importance"], steps, {})
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+
+
+def _channels(module: nn.Module) -> int:
+    """Output channels of a group's root layer, as torch-pruning counts them."""
+    tp = _tp()
+    return int(tp.pruner.function.PrunerBox[tp.ops.module2type(module)].get_out_channels(module))
+
+
+def _structured_footprint(model: nn.Module) -> dict[str, int]:
+    """Parameters, nonzero parameters and artifact bytes: a row of ``tables["cycles"]``."""
+    return {
+        "params": measure.params(model),
+        "nonzero_params": measure.nonzero_params(model),
+        "size_bytes": _serialized_bytes(_structured_artifact(model)),
+    }
 
 
 def _prune_channels(
@@ -329,11 +700,7 @@ def _prune_channels(
     The layer checks run on the traced graph before any channel is removed.
     """
     classifier = _output_layer(model, context.input_shape)
-    if not any(module is not classifier for _, module in _prunable_layers(model)):
-        raise ConfigError(
-            f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear "
-            "layer before the classifier"
-        )
+    _check_prunable_besides(model, classifier)
     groups = _pruning_groups(model, context.input_shape, classifier, importance)
     if budgets:
         ratio, steps = _largest_ratio(groups, max(1, int(round_to or 1)), budgets), TARGET_STEPS
@@ -343,6 +710,14 @@ def _prune_channels(
     pruner = _pruner(model, context.input_shape, classifier, importance, ratio, steps, round_to)
     taken = _run_steps(pruner, model, context, importance, steps, budgets)
     return ratio * taken / steps
+
+
+def _check_prunable_besides(model: nn.Module, classifier: nn.Module) -> None:
+    if not any(module is not classifier for _, module in _prunable_layers(model)):
+        raise ConfigError(
+            f"model={type(model).__name__} is not allowed: prune_structured needs a Conv or Linear "
+            "layer before the classifier"
+        )
 
 
 def _tp() -> Any:
@@ -398,12 +773,16 @@ def _pruner(
     ratio: float,
     steps: int,
     round_to: int | None,
+    per_group: dict[nn.Module, float] | None = None,
 ) -> Any:
+    """torch-pruning's pruner: ``ratio`` of every group's channels, or ``per_group`` ratios
+    (keyed by root layer; the other groups keep theirs, with ``ratio`` 0)."""
     return _tp().pruner.MetaPruner(
         model,
         example_inputs=torch.randn(1, *input_shape),
         importance=_importance(importance),
         pruning_ratio=ratio,
+        pruning_ratio_dict=per_group,
         iterative_steps=steps,
         global_pruning=False,
         ignored_layers=[classifier],

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distillab import compress, training
+from distillab.compress import plots
 from distillab.data import adapter
 from distillab.distill.methods.base import is_feature_method, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
@@ -94,7 +95,8 @@ def run(
 ) -> CompressedRun:
     """Compress a CPU copy of ``model`` by ``node``, fine-tuning with ``finetuning`` and ``model`` as
     the teacher, and save the artifact to ``out/compressed/model.pt`` atomically, with the result's
-    tables beside it (``compressed/<name>.csv``); ``how``: the run's measure settings."""
+    tables beside it (``compressed/<name>.csv``, and ``<name>.png`` for those ``compress.plots`` draws);
+    ``how``: the run's measure settings."""
     uncompressed = copy.deepcopy(model).cpu().eval()
     epochs = int(node.finetune_epochs)
 
@@ -121,8 +123,9 @@ def run(
     staging = artifact.with_name(f".{artifact.name}.tmp")
     result.save(staging)
     os.replace(staging, artifact)
-    for name, rows in result.tables.items():
-        write_table(artifact.parent / f"{name}.csv", rows)
+    for table, rows in result.tables.items():
+        csv_path = write_table(artifact.parent / f"{table}.csv", rows)
+        plots.save_figure(table, rows, csv_path.with_suffix(".png"), result.details)
     return CompressedRun(result, float_model, artifact, role, arch)
 
 
