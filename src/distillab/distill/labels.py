@@ -18,14 +18,16 @@ from torch import Tensor
 UNLABELLED = -1
 
 
-def labelled_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over the samples whose target is not ``UNLABELLED``.
+def labelled_cross_entropy(logits: Tensor, targets: Tensor, weight: float = 1.0) -> Tensor:
+    """Mean cross-entropy over the samples whose target is not ``UNLABELLED``, times ``weight``.
 
     A batch without any labelled sample gives exactly 0 with a (zero) gradient path to the
-    logits, never NaN, so a step on such a batch is still a valid step of the other terms.
+    logits, never NaN, so a step on such a batch is still a valid step of the other terms. The
+    weight joins the count in one scale factor, which needs no gradient.
     """
     total = F.cross_entropy(logits, targets, ignore_index=UNLABELLED, reduction="sum")
-    return total / (targets != UNLABELLED).sum().clamp_min(1)
+    count = (targets != UNLABELLED).sum().clamp_min(1)
+    return total / count if weight == 1 else total * (weight / count)
 
 
 def labelled_subset(targets: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:

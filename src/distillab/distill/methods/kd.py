@@ -40,15 +40,17 @@ def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
     return (logits - mean) / (std + eps)
 
 
-def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch.
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, weight: float = 1.0) -> Tensor:
+    """``weight``·KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch.
 
-    One log-softmax per side and torch's fused ``kl_div`` on the two log-probabilities: a KD
-    step costs a few kernels more than a cross-entropy step (``benchmarks/cached_teacher.py``).
+    One log-softmax per side (none of the teacher's is recorded for backward) and torch's fused
+    ``kl_div`` on the two log-probabilities, summed, then scaled once by ``weight``/N: a KD step
+    costs a few kernels more than a cross-entropy step (``benchmarks/cached_teacher.py``).
     """
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits if temperature == 1 else student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    total = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    return total * (weight / student_logits.shape[0])
 
 
 def kd_terms(
@@ -63,18 +65,21 @@ def kd_terms(
     """The weighted terms ``ce`` = (1 − λ)·CE(y, s) and ``kd`` = λ·T²·KL(softmax(t/T) ‖ softmax(s/T)).
 
     A term whose weight is zero is not computed (so λ = 1 needs no labels). CE averages over
-    the labelled samples only (targets ``UNLABELLED`` have none), KL over all of them.
+    the labelled samples only (targets ``UNLABELLED`` have none), KL over all of them. Each
+    weight is applied in the one scaling that makes a sum a mean.
     ``standardize``: s and t are replaced by ``standardize_logits`` of each in the KL term only.
     """
-    zero = student_logits.new_zeros(())
-    ce = (1.0 - lam) * labelled_cross_entropy(student_logits, targets) if lam < 1 else zero
+    if lam < 1:
+        ce = labelled_cross_entropy(student_logits, targets, weight=1.0 - lam)
+    else:
+        ce = student_logits.new_zeros(())
     if lam > 0:
         student, teacher = student_logits, teacher_logits.detach()
         if standardize:
             student, teacher = standardize_logits(student), standardize_logits(teacher)
-        kd = lam * temperature**2 * soft_kl(student, teacher, temperature)
+        kd = soft_kl(student, teacher, temperature, weight=lam * temperature**2)
     else:
-        kd = zero
+        kd = student_logits.new_zeros(())
     return {"ce": ce, "kd": kd}
 
 
