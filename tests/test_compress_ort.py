@@ -271,7 +271,7 @@ def test_ort_int8_static_as_step_6_of_a_run(make_cfg, tmp_path):
     results.check(record)
     block, student = record["compressed"], record["student"]
     assert block["method"] == "ort_int8_static" and block["backend"].startswith("onnxruntime")
-    artifact = tmp_path / "run" / "compressed" / "model.pt"
+    artifact = tmp_path / "run" / "compressed" / "model.onnx"
     assert block["size_bytes"] == artifact.stat().st_size < 0.5 * student["size_bytes"]
     assert block["macs"] == student["macs"]  # the float model's: int8 runs the same MACs
     assert block["details"]["within_budget"] and block["details"]["float_layers"] == []

@@ -188,3 +188,33 @@ def test_a_method_called_with_a_bad_value_says_so():
             node, CNN(SHAPE, 10, width=8, blocks=1, dropout=0.0), Context(SHAPE, _batches), "prune_unstructured"
         )
     assert str(caught.value) == "amount=1.5 is not allowed: a fraction in (0, 1), or null"
+
+
+def test_cycles_reach_only_the_methods_that_take_them_and_others_refuse_in_one_line():
+    node = conf.load("compress", "prune_structured+quant_static")
+    node.cycles, node.finetune_epochs = 3, 2
+    (_, pruning), (_, static) = map(unwrapped, compress.methods(node))
+    assert pruning["cycles"] == 3 and "cycles" not in static
+    node = conf.load("compress", "quant_static")
+    node.cycles = 2
+    with pytest.raises(ConfigError) as caught:
+        compress.methods(node)
+    assert str(caught.value) == (
+        "cycles=2 is not allowed with static: only these methods take it: "
+        "prune_structured, prune_structured+quant_static, prune_unstructured"
+    )
+    assert compress.takes("max_acc_drop") == [o for o in OPTIONS if o != "none"]
+
+
+def test_a_chain_keeps_the_tables_of_every_step(monkeypatch):
+    def step(name: str):
+        def method(model, context):
+            return compress.Compressed(model, name, "test", lambda path: None, tables={name: [{"step": name}]})
+
+        return functools.partial(method)
+
+    monkeypatch.setattr(compress, "methods", lambda node: [step("first"), step("second")])
+    node = conf.load("compress", "prune_structured+quant_static")
+    result, _ = compress.apply(node, torch.nn.Linear(2, 2), Context((2,), _batches), "chain")
+    assert result.tables == {"first": [{"step": "first"}], "second": [{"step": "second"}]}
+    assert result.method == "chain"

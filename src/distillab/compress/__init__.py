@@ -67,6 +67,7 @@ class Compressed:
     size in bytes is what results.json reports; ``load(path)`` (a static function of the
     method's module) reads it back. ``tables`` are row lists the run saves beside the artifact
     as ``compressed/<name>.csv`` (a sensitivity scan, the cycles of iterative pruning).
+    ``suffix`` is the artifact's file extension: ``compressed/model<suffix>``.
     """
 
     model: nn.Module
@@ -75,6 +76,7 @@ class Compressed:
     save: Callable[[Any], None]
     details: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    suffix: str = ".pt"
 
 
 # keys of a compress config that belong to the pipeline, not to the method function
@@ -115,25 +117,33 @@ def methods(cfg: DictConfig) -> list[functools.partial]:
     A ``SHARED`` key goes to a method only when its function takes it, so one sweep can set
     ``compress.amount`` for every method; a step's own value wins over the chain's. A method
     that takes the key always gets it, null included (its declaration says whether null is
-    allowed). ``amount`` is ignored by the methods without one; a ``max_acc_drop`` or
-    ``cycles`` that a method cannot honour is refused with one line.
+    allowed). ``amount`` is ignored by the methods without one. A ``max_acc_drop`` or ``cycles``
+    is refused with one line when no method of the node can honour it, and so is a step's own
+    value that its method cannot: a chain's value goes to the steps that take it.
     """
     steps = list(cfg.steps) if cfg.get("steps") else [cfg]
-    found = []
+    found, honoured = [], set()
     for step in steps:
         method = instantiate(OmegaConf.create({k: v for k, v in step.items() if k not in PIPELINE_KEYS}))
         taken = inspect.signature(method.func).parameters
-        shared = {key: step.get(key) if step.get(key) is not None else cfg.get(key) for key in SHARED}
-        for key, value in shared.items():
+        own = {key: step.get(key) if cfg.get("steps") else None for key in SHARED}
+        for key in SHARED:
             if key in taken:
-                method = functools.partial(method, **{key: value})
-            elif key != "amount" and value not in (None, 1):
-                takers = ", ".join(takes(key)) or "none"
-                raise ConfigError(
-                    f"{key}={value} is not allowed with {method.func.__name__}: only these methods take it: {takers}"
-                )
+                honoured.add(key)
+                method = functools.partial(method, **{key: own[key] if own[key] is not None else cfg.get(key)})
+            elif key != "amount" and own[key] not in (None, 1):
+                _refuse(key, own[key], step)
         found.append(method)
+    for key in ("max_acc_drop", "cycles"):
+        if key not in honoured and cfg.get(key) not in (None, 1):
+            _refuse(key, cfg.get(key), steps[-1])
     return found
+
+
+def _refuse(key: str, value: Any, step: DictConfig) -> None:
+    takers = ", ".join(takes(key)) or "none"
+    name = str(step.get("_target_")).rsplit(".", 1)[-1]
+    raise ConfigError(f"{key}={value} is not allowed with {name}: only these methods take it: {takers}")
 
 
 def takes(key: str) -> list[str]:

@@ -398,7 +398,8 @@ def _result(
         if search.scan:
             tables[SENSITIVITY_TABLE] = search.scan
     model = OrtModel(onnx_bytes)
-    return Compressed(model, method, backend, lambda path: atomic_write_bytes(path, onnx_bytes), details, tables)
+    save = lambda path: atomic_write_bytes(path, onnx_bytes)  # noqa: E731 - the file is the model
+    return Compressed(model, method, backend, save, details, tables, suffix=".onnx")
 
 
 def _backend(api: str) -> str:

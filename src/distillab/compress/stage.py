@@ -94,8 +94,8 @@ def run(
     how: dict[str, Any] | None = None,
 ) -> CompressedRun:
     """Compress a CPU copy of ``model`` by ``node``, fine-tuning with ``finetuning`` and ``model`` as
-    the teacher, and save the artifact to ``out/compressed/model.pt`` atomically, with the result's
-    tables beside it (``compressed/<name>.csv``, and ``<name>.png`` for those ``compress.plots`` draws);
+    the teacher, and save the artifact to ``out/compressed/model<suffix>`` atomically, with the
+    result's tables beside it (``compressed/<name>.csv``, and ``<name>.png`` for those ``compress.plots`` draws);
     ``how``: the run's measure settings."""
     uncompressed = copy.deepcopy(model).cpu().eval()
     epochs = int(node.finetune_epochs)
@@ -118,7 +118,7 @@ def run(
     context.reference_val_acc = compress.val_accuracy(uncompressed, context)
     log.info("compress: %s of the %s (fine-tune %d epochs)", name, role, epochs)
     result, float_model = compress.apply(node, uncompressed, context, name)
-    artifact = out / "compressed" / "model.pt"
+    artifact = out / "compressed" / f"model{result.suffix}"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     staging = artifact.with_name(f".{artifact.name}.tmp")
     result.save(staging)
