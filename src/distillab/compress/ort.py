@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distillab.compress import Compressed, Context, val_accuracy
+from distillab.compress import Compressed, Context, mixed, val_accuracy
 from distillab.export import Opset, require_extra, to_onnx
 from distillab.io import atomic_write_bytes
 from distillab.settings import AccuracyDrop, ConfigError, Count, checked
@@ -71,8 +71,6 @@ WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 SENSITIVITY_TABLE = "quant_sensitivity"
 #: ``calibrate_method`` values and ONNX Runtime's names for them
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-# accuracies are ratios of sample counts: a drop exactly at the budget must not miss it by a rounding error
-_TOLERANCE = 1e-9
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -255,97 +253,37 @@ def _int8_layers(graph: _Graph, onnx_bytes: bytes) -> list[str]:
 
 
 # -- the accuracy budget ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Search:
-    """What a budget search settled on: the file, its float layers and the accuracies behind them."""
-
-    onnx_bytes: bytes
-    float_layers: list[str]
-    max_acc_drop: float
-    reference: float
-    val_acc: float
-    scan: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    trail: list[float] = dataclasses.field(default_factory=list)  # val acc with 0, 1, 2... layers float
-    all_float: bool = False
-
-    @property
-    def within_budget(self) -> bool:
-        return self.reference - self.val_acc <= self.max_acc_drop + _TOLERANCE
-
-    def details(self) -> dict[str, Any]:
-        return {
-            "max_acc_drop": self.max_acc_drop,
-            "reference_val_acc": round(self.reference, 6),
-            "val_acc": round(self.val_acc, 6),
-            "acc_drop": round(self.reference - self.val_acc, 6),
-            "within_budget": self.within_budget,
-            "all_float": self.all_float,
-            "val_acc_by_float_layers": [round(acc, 6) for acc in self.trail],
-            "sensitivity": self.scan,
-        }
-
-
 def _search(
     quantize: Callable[..., bytes], graph: _Graph, context: Context, max_acc_drop: float, method: str
-) -> _Search:
+) -> mixed.MixedPrecision[bytes]:
     """Keep the fewest layers float that bring the validation accuracy within ``max_acc_drop`` of
-    ``context.reference_val_acc`` (see *Accuracy budget*). ``quantize(exclude=..., only=...)``
-    quantizes the float file with the layers ``exclude`` float, or only the layers ``only``."""
+    ``context.reference_val_acc`` (``compress.mixed``; see *Accuracy budget*), the float file when
+    no set does. ``quantize(exclude=..., only=...)`` quantizes the float file with the layers
+    ``exclude`` float, or only the layers ``only``."""
     if context.reference_val_acc is None:
         raise ValueError(f"{method}: max_acc_drop needs context.reference_val_acc")
     context = dataclasses.replace(context, val_batches=_cached(context))
-    reference = context.reference_val_acc
-    first = quantize(exclude=[])
-    found = _Search(first, [], max_acc_drop, reference, _accuracy(first, context))
-    found.trail.append(found.val_acc)
-    log.info("%s: all int8: val acc %.4f (reference %.4f, max drop %g)", method, found.val_acc, reference, max_acc_drop)
-    if found.within_budget:
-        return found
-    found.scan = [_scan_row(quantize, layer, context, reference) for layer in graph.layers]
-    best = (found.val_acc, first, [])
-    kept: list[str] = []
-    for row in sorted(found.scan, key=lambda row: row["val_acc_int8_alone"]):
-        kept.append(row["layer"])
-        candidate = quantize(exclude=list(kept))
-        acc = _accuracy(candidate, context)
-        found.trail.append(acc)
-        log.info("%s: %d layers float (last %s): val acc %.4f", method, len(kept), row["layer"], acc)
-        if acc > best[0] or reference - acc <= max_acc_drop + _TOLERANCE:
-            best = (acc, candidate, list(kept))
-        if reference - acc <= max_acc_drop + _TOLERANCE:
-            break
-    found.val_acc, found.onnx_bytes, found.float_layers = best
+    found = mixed.search(
+        lambda float_layers: quantize(exclude=float_layers),
+        lambda onnx_bytes: _accuracy(onnx_bytes, context),
+        graph.layers,
+        context.reference_val_acc,
+        max_acc_drop,
+        method,
+        alone=lambda layer: quantize(only=[layer]),
+    )
     if not found.within_budget:
         _fall_back_to_float(found, graph, context, method)
-    for row in found.scan:
-        row["kept_float"] = row["layer"] in found.float_layers
     return found
 
 
-def _scan_row(quantize: Callable[..., bytes], layer: str, context: Context, reference: float) -> dict[str, Any]:
-    acc = _accuracy(quantize(only=[layer]), context)
-    return {"layer": layer, "val_acc_int8_alone": round(acc, 6), "drop_int8_alone": round(reference - acc, 6)}
-
-
-def _fall_back_to_float(found: _Search, graph: _Graph, context: Context, method: str) -> None:
+def _fall_back_to_float(found: mixed.MixedPrecision[bytes], graph: _Graph, context: Context, method: str) -> None:
     """No set of float layers met the budget: the float ONNX model is the last candidate."""
     float_bytes = graph.path.read_bytes()
     acc = _accuracy(float_bytes, context)
     if acc >= found.val_acc:  # as accurate as any int8 candidate, or more: int8 buys nothing
-        found.val_acc, found.onnx_bytes, found.float_layers, found.all_float = (
-            acc,
-            float_bytes,
-            list(graph.layers),
-            True,
-        )
-    log.warning(
-        "%s: no set of float layers meets max_acc_drop=%g (reference val acc %.4f); %s (val acc %.4f)",
-        method,
-        found.max_acc_drop,
-        found.reference,
-        "even all-float is needed: the model is left float" if found.all_float else "the best candidate is kept",
-        found.val_acc,
-    )
+        found.val_acc, found.candidate, found.float_layers, found.all_float = acc, float_bytes, list(graph.layers), True
+        log.warning("%s: even all-float is needed: the model is left float (val acc %.4f)", method, acc)
 
 
 def _cached(context: Context) -> Callable[[], list]:
@@ -369,7 +307,7 @@ def _quantized(
     ops: Sequence[str],
     max_acc_drop: float | None,
     make: Callable[[_Graph, Path], Callable[..., bytes]],
-) -> tuple[_Graph, bytes, _Search | None]:
+) -> tuple[_Graph, bytes, mixed.MixedPrecision[bytes] | None]:
     """Export and pre-process ``model``, then quantize its layers of the operators ``ops`` with
     ``make(graph, folder)``'s function, within ``max_acc_drop`` when one is set (not on a dry run)."""
     require(method)
@@ -379,24 +317,29 @@ def _quantized(
         if max_acc_drop is None or context.dry_run:
             return graph, quantize(exclude=[]), None
         search = _search(quantize, graph, context, max_acc_drop, method)
-        return graph, search.onnx_bytes, search
+        return graph, search.candidate, search
 
 
 def _result(
-    method: str, backend: str, graph: _Graph, onnx_bytes: bytes, search: _Search | None, details: dict[str, Any]
+    method: str,
+    backend: str,
+    graph: _Graph,
+    onnx_bytes: bytes,
+    search: mixed.MixedPrecision[bytes] | None,
+    details: dict[str, Any],
 ) -> Compressed:
     int8 = _int8_layers(graph, onnx_bytes)
-    details.update(
-        exporter="torch.onnx.export(dynamo=True), quant_pre_process",
-        opset=graph.opset,
-        int8_layers=int8,
-        float_layers=[layer for layer in graph.layers if layer not in int8],
-    )
     tables = {}
     if search is not None:
         details.update(search.details())
         if search.scan:
             tables[SENSITIVITY_TABLE] = search.scan
+    details.update(  # the layers the file really runs in int8 or float, whatever the search asked
+        exporter="torch.onnx.export(dynamo=True), quant_pre_process",
+        opset=graph.opset,
+        int8_layers=int8,
+        float_layers=[layer for layer in graph.layers if layer not in int8],
+    )
     model = OrtModel(onnx_bytes)
     save = lambda path: atomic_write_bytes(path, onnx_bytes)  # noqa: E731 - the file is the model
     return Compressed(model, method, backend, save, details, tables, suffix=".onnx")

@@ -114,7 +114,7 @@ from torch import Tensor, fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.overrides import TorchFunctionMode
 
-from distillab.compress import Compressed, Context, val_accuracy
+from distillab.compress import Compressed, Context, mixed, val_accuracy
 from distillab.settings import AccuracyDrop, ConfigError, Count, checked
 
 log = logging.getLogger(__name__)
@@ -580,8 +580,6 @@ def int8_layers(model: nn.Module) -> dict[str, str]:
 ARTIFACT_FORMAT = "distillab.quantize/1"
 #: the name of the sensitivity scan among ``Compressed.tables`` (``compressed/<name>.csv``)
 SENSITIVITY_TABLE = "quant_sensitivity"
-# accuracies are ratios of sample counts: a drop exactly at the budget must not miss it by a rounding error
-_TOLERANCE = 1e-9
 
 
 def _save(model: nn.Module, float_layers: Sequence[str]) -> Callable[[Any], None]:
@@ -647,35 +645,6 @@ def _candidates(model: nn.Module, types: tuple[type, ...]) -> list[str]:
 
 
 # -- the accuracy budget ---------------------------------------------------------------------------
-@dataclass
-class _Search:
-    """What a budget search settled on: the model, its float layers and the accuracies behind them."""
-
-    model: nn.Module
-    float_layers: list[str]
-    max_acc_drop: float
-    reference: float
-    val_acc: float
-    scan: list[dict[str, Any]] = field(default_factory=list)
-    trail: list[float] = field(default_factory=list)  # validation accuracy with 0, 1, 2... layers kept float
-
-    @property
-    def within_budget(self) -> bool:
-        return self.reference - self.val_acc <= self.max_acc_drop + _TOLERANCE
-
-    def details(self) -> dict[str, Any]:
-        return {
-            "max_acc_drop": self.max_acc_drop,
-            "reference_val_acc": round(self.reference, 6),
-            "val_acc": round(self.val_acc, 6),
-            "acc_drop": round(self.reference - self.val_acc, 6),
-            "within_budget": self.within_budget,
-            "float_layers": list(self.float_layers),
-            "val_acc_by_float_layers": [round(acc, 6) for acc in self.trail],
-            "sensitivity": self.scan,
-        }
-
-
 def _budget_applies(max_acc_drop: float | None, context: Context) -> bool:
     """A budget is searched when one is set, except on a dry run (untrained model, one batch)."""
     return max_acc_drop is not None and not context.dry_run
@@ -688,72 +657,31 @@ def _search(
     context: Context,
     max_acc_drop: float,
     method: str,
-) -> _Search:
-    """Keep the fewest layers float that bring the validation accuracy within ``max_acc_drop`` of
-    ``context.reference_val_acc``, starting from ``all_int8`` (see *Accuracy budget*).
+) -> mixed.MixedPrecision[nn.Module]:
+    """Keep the fewest ``layers`` float that bring the validation accuracy within ``max_acc_drop`` of
+    ``context.reference_val_acc``, starting from ``all_int8`` (``compress.mixed``).
     ``build(keep_float)`` quantizes the float model with the layers ``keep_float`` left in float."""
     if context.reference_val_acc is None or context.val_batches is None:
         raise ValueError(f"{method}: max_acc_drop needs context.reference_val_acc and context.val_batches")
-    reference = context.reference_val_acc
     batches = list(context.val_batches())  # read once: every candidate is evaluated on them
     context = dataclasses.replace(context, val_batches=lambda: batches)
-    acc = val_accuracy(all_int8, context)
-    found = _Search(all_int8, [], max_acc_drop, reference, acc, trail=[acc])
-    log.info("%s: all int8: val acc %.4f (reference %.4f, max drop %g)", method, acc, reference, max_acc_drop)
-    if found.within_budget:
-        return found
-    found.scan = _scan(build, layers, context, reference)
-    best = (acc, all_int8, [])
-    kept: list[str] = []
-    for row in sorted(found.scan, key=lambda row: row["val_acc_int8_alone"]):
-        kept.append(row["layer"])
-        model = build(list(kept))
-        acc = val_accuracy(model, context)
-        found.trail.append(acc)
-        log.info("%s: %d layers float (last %s): val acc %.4f", method, len(kept), row["layer"], acc)
-        if acc > best[0] or reference - acc <= max_acc_drop + _TOLERANCE:
-            best = (acc, model, list(kept))
-        if reference - acc <= max_acc_drop + _TOLERANCE:
-            break
-    found.val_acc, found.model, found.float_layers = best
-    for row in found.scan:
-        row["kept_float"] = row["layer"] in found.float_layers
-    if not found.within_budget:
-        log.warning(
-            "%s: no set of float layers meets max_acc_drop=%g (reference val acc %.4f); the best keeps %d float: %.4f",
-            method,
-            max_acc_drop,
-            reference,
-            len(found.float_layers),
-            found.val_acc,
-        )
-    return found
-
-
-def _scan(
-    build: Callable[[list[str]], nn.Module], layers: list[str], context: Context, reference: float
-) -> list[dict[str, Any]]:
-    """One row per layer: the validation accuracy with only that layer in int8 (all others float)."""
-    rows = []
-    for layer in layers:
-        acc = val_accuracy(build([other for other in layers if other != layer]), context)
-        rows.append(
-            {
-                "layer": layer,
-                "val_acc_int8_alone": round(acc, 6),
-                "drop_int8_alone": round(reference - acc, 6),
-                "kept_float": False,
-            }
-        )
-    return rows
+    return mixed.search(
+        build,
+        lambda model: val_accuracy(model, context),
+        layers,
+        context.reference_val_acc,
+        max_acc_drop,
+        method,
+        first=all_int8,
+    )
 
 
 def _compressed(
-    method: str, search: _Search | None, quantized: nn.Module, details: dict[str, Any], engine: str
+    method: str, search: mixed.MixedPrecision | None, quantized: nn.Module, details: dict[str, Any], engine: str
 ) -> Compressed:
     """The ``Compressed`` of ``method``: the searched model when there was a budget, with the
     search in its details and its scan among its tables."""
-    model = search.model if search is not None else quantized
+    model = search.candidate if search is not None else quantized
     float_layers = search.float_layers if search is not None else []
     details["float_layers"] = list(float_layers)
     tables = {}
@@ -781,7 +709,7 @@ def dynamic(model: nn.Module, context: Context, *, max_acc_drop: AccuracyDrop | 
     if _budget_applies(max_acc_drop, context):
         search = _search(quantized, build, layers, context, max_acc_drop, "quant_dynamic")
     float_layers = set(search.float_layers if search is not None else [])
-    final = search.model if search is not None else quantized
+    final = search.candidate if search is not None else quantized
     total = sum(p.numel() for p in model.parameters())
     covered = sum(
         p.numel() for name in layers if name not in float_layers for p in model.get_submodule(name).parameters()
@@ -844,7 +772,7 @@ def static(
     if _budget_applies(max_acc_drop, context):
         layers = _candidates(model, STATIC_TYPES)
         search = _search(quantized, lambda keep: build(keep)[0], layers, context, max_acc_drop, "quant_static")
-    details = _details(search.model if search is not None else quantized, done, engine, per_channel, inputs)
+    details = _details(search.candidate if search is not None else quantized, done, engine, per_channel, inputs)
     return _compressed("quant_static", search, quantized, details, engine)
 
 
@@ -891,7 +819,7 @@ def qat(
     }
     if search is not None:
         extra["ptq_val_acc"] = round(search.val_acc, 6)
-        search = dataclasses.replace(search, model=quantized, val_acc=val_accuracy(quantized, context))
+        search = dataclasses.replace(search, candidate=quantized, val_acc=val_accuracy(quantized, context))
         if not search.within_budget:
             log.warning(
                 "qat: %.4f validation accuracy after fine-tuning with %d float layers misses max_acc_drop=%g "
