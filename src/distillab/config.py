@@ -34,6 +34,9 @@ ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weigh
 ROLES = {"teacher": "distillab.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
 COMPRESS = "distillab.compress.CompressSettings"
 COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
+#: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
+#: one-shot compression): a compressor's YAML written without them keeps working
+OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
 #: what the run passes to a model and to a compressor itself
 MODEL_PROVIDED = ("input_shape", "num_classes")
 COMPRESSOR_PROVIDED = ("model", "context")
@@ -99,7 +102,10 @@ def check_compress(node: DictConfig) -> None:
             raise ConfigError(f"compress.{extra[0]} is not a known key; compress=none has only: amount")
         settings.check("compress", plain({"amount": node.get("amount")}), _amount_only())
         return
-    own = plain({k: node._get_node(k) for k in COMPRESS_KEYS if k in node and k != "steps"})
+    own = {
+        **OPTIONAL_COMPRESS_KEYS,
+        **plain({k: node._get_node(k) for k in COMPRESS_KEYS if k in node and k != "steps"}),
+    }
     settings.check("compress", own, COMPRESS)
     if node.get("steps"):
         if node.get("_target_"):

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab import measure
+from distillab.config import OPTIONAL_COMPRESS_KEYS
 from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, NonNegativeCount
 
 
@@ -130,11 +131,12 @@ def methods(cfg: DictConfig) -> list[functools.partial]:
         for key in SHARED:
             if key in taken:
                 honoured.add(key)
-                method = functools.partial(method, **{key: own[key] if own[key] is not None else cfg.get(key)})
+                value = own[key] if own[key] is not None else cfg.get(key, OPTIONAL_COMPRESS_KEYS.get(key))
+                method = functools.partial(method, **{key: value})
             elif key != "amount" and own[key] not in (None, 1):
                 _refuse(key, own[key], step)
         found.append(method)
-    for key in ("max_acc_drop", "cycles"):
+    for key in OPTIONAL_COMPRESS_KEYS:
         if key not in honoured and cfg.get(key) not in (None, 1):
             _refuse(key, cfg.get(key), steps[-1])
     return found
