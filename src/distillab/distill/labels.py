@@ -27,7 +27,7 @@ def labelled_cross_entropy(logits: Tensor, targets: Tensor, weight: float = 1.0)
     """
     total = F.cross_entropy(logits, targets, ignore_index=UNLABELLED, reduction="sum")
     count = (targets != UNLABELLED).sum().clamp_min(1)
-    return total / count if weight == 1 else total * (weight / count)
+    return total / count if weight == 1 else total * (weight / count.to(total.dtype))
 
 
 def labelled_subset(targets: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:
