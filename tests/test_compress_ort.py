@@ -13,7 +13,6 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -23,28 +22,19 @@ from distillab.data import TensorBatches
 from distillab.export import to_onnx
 from distillab.models import CNN, MLP
 from distillab.settings import ConfigError
+from tests.conftest import fit_on_digits
 
 SHAPE = (1, 8, 8)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits() -> dict[str, tuple[Tensor, Tensor]]:
-    return conf.build("data", "digits").splits
+def digits(digits_splits) -> dict[str, tuple[Tensor, Tensor]]:
+    return digits_splits
 
 
 def _fit(model: nn.Module, digits: dict, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    x, y = digits["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(y), generator=order).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-    return model.eval()
+    return fit_on_digits(model, digits, epochs)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from distillab.compress import quantize as Q
 from distillab.data import TensorBatches
 from distillab.models import CNN, MLP
 from distillab.settings import ConfigError
+from tests.conftest import fit_on_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,22 +31,12 @@ QUICK = ["measure.warmup=0", "measure.repeats=2"]
 
 
 @pytest.fixture(scope="module")
-def digits() -> dict[str, tuple[Tensor, Tensor]]:
-    return conf.build("data", "digits").splits
+def digits(digits_splits) -> dict[str, tuple[Tensor, Tensor]]:
+    return digits_splits
 
 
 def _fit(model: nn.Module, digits: dict, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    x, y = digits["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(y), generator=order).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-    return model.eval()
+    return fit_on_digits(model, digits, epochs, lr=1e-2)
 
 
 def _accuracy(model: nn.Module, digits: dict, split: str = "val") -> float:
