@@ -1,12 +1,15 @@
 """Compression as step 6 of a real run: the compressed block, the artifact, the teacher
 baseline, chains and bad input."""
 
+import json
+
 import pytest
 
 from distillab import pipeline, results
 from distillab.compress import prune
 from distillab.config import ConfigError
 from tests.conftest import run_train
+from tests.test_calibration import check_calibration_of_a_run
 
 QUICK = ["measure.warmup=0", "measure.repeats=2"]
 
@@ -23,6 +26,8 @@ def test_unstructured_pruning_of_the_student(make_cfg, tmp_path):
         )
     )
     results.check(record)
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == record
+    check_calibration_of_a_run(record, make_cfg)
     block = record["compressed"]
     assert block["method"] == "prune_unstructured" and block["of"] == "student"
     assert "torch.nn.utils.prune" in block["backend"]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -24,6 +23,7 @@ from distillab.distill.methods.kd import KD, kd_loss
 from distillab.distill.module import DistillationModule, without_env
 from distillab.models import CNN, MLP, resnet8
 from distillab.settings import ConfigError
+from tests.conftest import fit_on_digits
 
 SHAPE = (1, 8, 8)
 
@@ -43,22 +43,12 @@ def _fast_small_steps():
 
 
 @pytest.fixture(scope="module")
-def digits() -> dict[str, tuple[Tensor, Tensor]]:
-    return conf.build("data", "digits").splits
+def digits(digits_splits) -> dict[str, tuple[Tensor, Tensor]]:
+    return digits_splits
 
 
-def _fit(model: nn.Module, digits: dict, epochs: int, batch_size: int = 64) -> nn.Module:
-    torch.manual_seed(0)
-    x, y = digits["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(y), generator=order).split(batch_size):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-    return model.eval()
+def _fit(model: nn.Module, digits: dict, epochs: int) -> nn.Module:
+    return fit_on_digits(model, digits, epochs)
 
 
 def _accuracy(model: nn.Module, digits: dict) -> float:
