@@ -200,3 +200,36 @@ def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, 
     assert compared["columns"] == report.COMPARISON_COLUMNS and compared["data"] == []
     assert step["comparisons"]["_type"] == "table-file" and step["comparisons_forest"]["_type"] == "image-file"
     assert "wandb sync" in result.stdout + result.stderr
+
+
+def test_a_stacked_sweep_logs_each_job_as_its_own_wandb_run(tmp_path, no_wandb_account):
+    sweep = tmp_path / "sweep"
+    fast = [o for o in FAST if not o.startswith("logger=")]
+    result = run_train(
+        [
+            "-m",
+            "hydra/launcher=stacked",
+            "seed=0,1",
+            "logger=wandb",
+            *fast,
+            "trainer.max_epochs=2",
+            "teacher.recipe.max_epochs=2",
+            f"hydra.sweep.dir={sweep}",
+            f"paths.cache_dir={tmp_path / 'c'}",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    group = loggers.sweep_group(sweep)
+    for job in ("0", "1"):
+        runs = {summarize_run(p)["job_type"]: p for p in (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")}
+        student = summarize_run(runs["student"])
+        assert student["group"] == group and f"seed={job}" in student["tags"]
+        record = json.loads((sweep / job / "results.json").read_text())
+        assert record["launcher"] == "stacked"
+        # the epochs at Lightning's steps: validation, then training, at the last step of each epoch
+        history = history_of(runs["student"])
+        epochs = [step for step in history if "val/acc" in step or "train/loss" in step]
+        steps = [step["trainer/global_step"] for step in epochs]
+        assert steps == [19, 19, 39, 39]
+        assert [step["epoch"] for step in epochs] == [0, 0, 1, 1]
+        assert student["summary"]["student/test/acc"] == pytest.approx(record["student"]["test"]["acc"])

@@ -23,6 +23,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from distillab import settings
 from distillab.conf import CONF_DIR
 from distillab.config import ConfigError, validate
 
@@ -121,6 +122,25 @@ def check(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = 
             raise ConfigError(explain(error, variant)) from None
 
 
+def check_launcher(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "train") -> None:
+    """Raise ``ConfigError`` (one line) for a bad value of distillab's own launcher (``hydra/launcher=
+    stacked``), given the command line's ``hydra`` overrides; other launchers check their own."""
+    if not any(o.replace(" ", "").startswith("hydra/launcher=") for o in overrides):
+        return
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            node = compose(config_name, overrides=overrides, return_hydra_config=True).hydra.launcher
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(explain(error, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    target = str(node.get("_target_", ""))
+    if target.startswith("hydra_plugins.distillab_launcher."):
+        values = OmegaConf.to_container(node, resolve=True)
+        settings.check("hydra.launcher", {k: v for k, v in values.items() if k != "_target_"}, target)
+
+
 def run_job(cfg: DictConfig) -> float:
     """One Hydra job: run it, and turn its failure into one line and an exit code.
 
@@ -189,6 +209,7 @@ def check_command_line(argv: list[str] | None = None) -> None:
         overrides.append(f"hydra.searchpath=[{','.join(folders)}]")
     try:
         check(overrides, CONF_DIR, config_name)
+        check_launcher([o for o in args.overrides if o.lstrip("+~").startswith("hydra")], CONF_DIR, config_name)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

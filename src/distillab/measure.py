@@ -3,12 +3,13 @@ multiply-accumulates and CPU latency."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -119,18 +120,59 @@ def latency_ms(
     return 1000.0 * statistics.median(times)
 
 
+# the architecture-only measurements shared within ``shared_profiles()``, by architecture
+_SHARED: dict[tuple, dict] | None = None
+
+
+@contextlib.contextmanager
+def shared_profiles() -> Iterator[None]:
+    """Measure what depends only on a model's architecture (parameters, bytes, MACs, latency) once
+    per architecture while the block runs: the stacked launcher's members share one architecture.
+    What depends on the weights (``nonzero_params``) is measured for every model."""
+    global _SHARED
+    saved, _SHARED = _SHARED, {}
+    try:
+        yield
+    finally:
+        _SHARED = saved
+
+
+def architecture(model: nn.Module) -> tuple | None:
+    """A key that two models share when they run the same layers on tensors of the same shapes and
+    dtypes; None for a model that holds no tensors (its graph lives elsewhere, e.g. ONNX Runtime)."""
+    state = model.state_dict()
+    if not state:
+        return None
+    shapes = tuple(
+        (name, tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", type(v)))) for name, v in state.items()
+    )
+    return (type(model).__qualname__, repr(model), shapes)
+
+
 def profile(
     model: nn.Module, input_shape: Sequence[int], threads: int | None = 1, warmup: int = 5, repeats: int = 30
 ) -> dict:
     """The measurement block of results.json for one model."""
     timing = {"threads": threads, "warmup": warmup, "repeats": repeats}
+    arch = architecture(model) if _SHARED is not None else None
+    key = (arch, tuple(input_shape), threads, warmup, repeats) if arch is not None else None
+    shared = _SHARED.get(key) if key is not None else None
+    if shared is None:
+        shared = {
+            "params": params(model),
+            "size_bytes": size_bytes(model),
+            "macs": macs(model, input_shape),
+            "latency_ms": {
+                "batch_1": round(latency_ms(model, input_shape, 1, **timing), 4),
+                "batch_64": round(latency_ms(model, input_shape, 64, **timing), 4),
+            },
+        }
+        if key is not None:
+            _SHARED[key] = shared
     return {
-        "params": params(model),
+        "params": shared["params"],
         "nonzero_params": nonzero_params(model),
-        "size_bytes": size_bytes(model),
-        "macs": macs(model, input_shape),
-        "latency_ms": {
-            "batch_1": round(latency_ms(model, input_shape, 1, **timing), 4),
-            "batch_64": round(latency_ms(model, input_shape, 64, **timing), 4),
-        },
+        "size_bytes": shared["size_bytes"],
+        "macs": shared["macs"],
+        "latency_ms": dict(shared["latency_ms"]),
     }

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillab import build, export, job, loggers, results, resume, slots, training
+from distillab import build, export, job, loggers, results, resume, slots, stacked, training
 from distillab.compress import stage
 from distillab.config import ConfigError, resolved, validate
 from distillab.data import adapter
@@ -40,15 +40,13 @@ log = logging.getLogger(__name__)
 for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 # metrics are logged once per epoch, and in-memory batches need no worker processes
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval).*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """The run's own top-level keys. ``teachers``: names of ``conf/model`` options for an ensemble;
-    ``teacher_assistant``: the ``conf/model`` option of a teacher assistant."""
+    """The run's own keys; ``teachers``, ``teacher_assistant``: ``conf/model`` options (ensemble, assistant)."""
 
     seed: Seed
     num_threads: Count | None
@@ -78,10 +76,9 @@ class Parts:
 def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]:
     """Run one experiment and return its results (also written to results.json).
 
-    A bad configuration raises ``ConfigError`` before anything is written. A failure later (NaN
-    loss, a crash) is recorded as ``status: failed`` with a one-line error; it is then re-raised
-    for a single run, and swallowed in a sweep so the other jobs go on. A sweep job whose folder
-    already holds its complete result returns that record (``resume.start``).
+    A bad configuration raises ``ConfigError`` before anything is written. A later failure (NaN loss,
+    a crash) is recorded as ``status: failed`` with a one-line error, then re-raised for a single run
+    and swallowed in a sweep. A sweep job with a complete result returns it (``resume.start``).
     """
     raise_on_failure = not job.is_multirun() if raise_on_failure is None else raise_on_failure
     start, out = time.perf_counter(), Path(cfg.paths.output_dir)
@@ -89,14 +86,15 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
         validate(cfg)
         settings = run_settings(cfg)
         slots.configure_job(cfg.trainer, settings.num_threads)  # threads and GPU slot in a parallel sweep
-        done = resume.start(out, results.config_hash(cfg), settings.rerun, cfg.get("logger"), sweep=job.is_multirun())
+        handoff, key = stacked.handoff(out), results.config_hash(cfg)  # a stacked group's member: resumed there
+        done = None if handoff else resume.start(out, key, settings.rerun, cfg.get("logger"), job.is_multirun())
         if done is not None:
             return done
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         # before any model is built: the student's initial weights depend on the seed only
         pl.seed_everything(settings.seed, workers=True, verbose=False)
-        record = execute(cfg, prepare(cfg, settings), start)
+        record = execute(cfg, handoff.parts if handoff else prepare(cfg, settings), start)
     except Exception as error:  # noqa: BLE001 - every failure is recorded, then re-raised or logged
         # bad input of a single run leaves nothing behind; in a sweep the report lists it
         if raise_on_failure and isinstance(error, ConfigError):
@@ -116,10 +114,10 @@ def run_settings(cfg: DictConfig) -> RunSettings:
     )
 
 
-def prepare(cfg: DictConfig, settings: RunSettings | None = None) -> Parts:
-    """Build the data, the models and the method, and try every part on one batch."""
+def prepare(cfg: DictConfig, settings: RunSettings | None = None, data: Any = None) -> Parts:
+    """Build the data (unless given, already built), the models and the method; try each on one batch."""
     settings = settings or run_settings(cfg)
-    data = build.part("data", cfg.data)
+    data = build.part("data", cfg.data) if data is None else data
     info = adapter.prepare(data, settings.seed)
     log.info("data %s", info.description)
     teacher_training.check_data(data, cfg.teacher.recipe)
@@ -221,6 +219,7 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     record |= export.run(cfg.get("export"), student, compressed, parts.data, parts.info.input_shape, how, parts.out)
     timing["total"] = time.perf_counter() - start
     record["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
+    stacked.complete(parts.out, record)  # a stacked job: its group's fields and its share of the group's fit
     path = results.write(parts.out, record)
     log.info("\n%s", results.summary_table(record))
     log.info("results written to %s", path)

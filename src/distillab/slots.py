@@ -215,9 +215,11 @@ def visible_gpu_count() -> int:
 
 # -- the hook of pipeline.run -----------------------------------------------------------------
 def joblib_launcher(hydra_cfg: Any) -> Any:
-    """The launcher node when the job runs under the joblib launcher, else None."""
+    """The launcher node when the job runs under a launcher that runs ``n_jobs`` at once on this
+    machine (joblib's jobs, or the stacked launcher's groups), else None."""
     launcher = hydra_cfg.get("launcher") if hydra_cfg is not None else None
-    if launcher is None or not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if not target.endswith("JoblibLauncher") and not (target.endswith("StackedLauncher") and launcher.n_jobs > 1):
         return None
     return launcher
 

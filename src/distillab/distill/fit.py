@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from distillab import training
+from distillab import io, stacked, training
 from distillab.config import resolved
 from distillab.data import adapter
 from distillab.distill import transfer
@@ -102,6 +103,9 @@ def student(
     trained with its peers. Returns the fit, the weight transfer's report, and for co-training the
     peer that stands in the teacher's place."""
     checkpoints, epochs = parts.out / "checkpoints", int(cfg.trainer.max_epochs)
+    handoff = stacked.handoff(parts.out)
+    if handoff is not None:  # trained with its group by hydra/launcher=stacked
+        return taken_over(handoff, parts.student, fitting, checkpoints), None, None
     if cotrains(parts.method):
         fitted = cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, checkpoints, epochs)
         return fitted, None, as_teacher(parts.peers, parts.method, parts.names, parts.out)
@@ -111,3 +115,23 @@ def student(
         init = transfer.apply(parts.student, source.model, cfg.student.init_weight, names)
     args = (parts.data, cfg, fitting, "student", checkpoints, epochs, parts.settings.seed)
     return distill(parts.student, parts.method, source, *args), init, None
+
+
+def taken_over(handoff: stacked.Handoff, model: nn.Module, fitting: training.Fitting, checkpoint_dir: Path) -> Fitted:
+    """A member of a stacked group, trained with its group, finished as its own fit would have
+    ended: the best weights loaded into ``model`` and saved as ``checkpoint_dir/best.ckpt``, the
+    metrics of every epoch logged to the job's loggers at the steps Lightning logs them."""
+    trained = handoff.trained
+    if trained.error is not None:
+        raise FloatingPointError(trained.error)
+    model.load_state_dict(trained.state)
+    checkpoint = stacked.checkpoint(trained.state, trained.best_epoch, trained.best_step)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    io.atomic_save(checkpoint_dir / "best.ckpt", lambda handle: torch.save(checkpoint, handle))
+    run_loggers = fitting.loggers("student")
+    for step, metrics in trained.history:
+        for logger in run_loggers:
+            logger.log_metrics(metrics, step)
+    for logger in run_loggers:
+        logger.save()
+    return Fitted(trained.best_epoch, run_loggers, handoff.mode, handoff.table_seconds, handoff.seconds)

@@ -1,0 +1,1 @@
+"""distillab's Hydra launcher plugin: ``hydra/launcher=stacked`` (see ``distillab.stacked``)."""
