@@ -248,3 +248,90 @@ def test_groups_side_by_side_take_their_share_of_the_cores_and_a_gpu_slot() -> N
 
 
 LAUNCHER = "hydra_plugins.distillab_launcher.stacked_launcher.StackedLauncher"
+
+
+class _JitteredDigits(DigitsDataModule):
+    """Digits whose training batches get random noise: an augmenting in-memory datamodule."""
+
+    seen: list = []
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        noisy = x + 0.1 * torch.randn_like(x)
+        self.seen.append(noisy)
+        return noisy
+
+
+def test_each_member_augments_its_own_batches(one_thread) -> None:
+    data = _JitteredDigits(
+        batch_size=64,
+        eval_batch_size=512,
+        val_fraction=0.15,
+        test_fraction=0.15,
+        split_seed=0,
+        normalize=True,
+        labelled_fraction=1.0,
+    )
+    assert data.augments
+    members = [
+        fit.Member(student, CrossEntropy(), functools.partial(torch.optim.Adam, lr=1e-3), seed)
+        for student, seed in zip(_students("mlp")[:2], SEEDS)
+    ]
+    trained, _ = fit.fit(members, data, None, None, None, 1, torch.device("cpu"))
+    steps = -(-len(data.splits["train"][1]) // 64)
+    assert len(data.seen) == 2 * steps  # one call per member and step, on that member's batch
+    assert data.seen[0].shape == (64, 1, 8, 8) and not torch.equal(data.seen[0], data.seen[1])
+    assert all(outcome.error is None for outcome in trained)
+
+
+# -- a group prepared and trained in this process ------------------------------------------------------
+def _jobs(tmp_path, *overrides: str) -> list:
+    """Two jobs of a sweep (seeds 0 and 1) as the launcher composes them."""
+    import copy as copying
+
+    from omegaconf import open_dict, read_write
+
+    from distillab.stacked.launch import Job
+    from tests.conftest import FAST, compose_hydra
+
+    jobs = []
+    for seed in (0, 1):
+        config = compose_hydra(
+            *FAST, "trainer.max_epochs=1", f"seed={seed}", f"paths.cache_dir={tmp_path / 'c'}", *overrides
+        )
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(tmp_path / str(seed))
+        task = copying.deepcopy(config)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        jobs.append(Job(seed, [f"seed={seed}"], config, task))
+    return jobs
+
+
+def test_a_group_is_trained_and_handed_to_its_jobs(tmp_path) -> None:
+    from distillab.stacked import group, launch
+
+    jobs = _jobs(tmp_path)
+    members = group.train(jobs, launch.as_job)
+    assert [m.job.num for m in members] == [0, 1]
+    handoffs = [stacked.handoff(job.out) for job in jobs]
+    assert all(h is not None and h.size == 2 and h.trained.error is None for h in handoffs)
+    assert handoffs[0].group == handoffs[1].group and handoffs[0].mode == "cached"
+    assert handoffs[0].parts.data is not handoffs[1].parts.data  # each its own shuffle_seed ...
+    assert handoffs[0].parts.data.splits is handoffs[1].parts.data.splits  # ... over the same tensors
+    assert [h.parts.data.shuffle_seed for h in handoffs] == [0, 1]
+    for job in jobs:
+        stacked.release(job.out)
+
+
+def test_a_group_that_fails_to_train_together_runs_one_after_another(tmp_path, monkeypatch, caplog) -> None:
+    from distillab.stacked import group, launch
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("vmap: an operator without a batching rule\nmore detail")
+
+    monkeypatch.setattr(fit, "fit", unsupported)
+    jobs = _jobs(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert group.train(jobs, launch.as_job) == []
+    assert all(stacked.handoff(job.out) is None for job in jobs)
+    assert "could not train together (RuntimeError: vmap: an operator without a batching rule)" in caplog.text

@@ -58,14 +58,26 @@ def train(group: list, as_job: Callable) -> list[Prepared]:
     if reason is not None:
         log.info("stacked: jobs %s run one after another: %s", _numbers(members), reason)
         return []
-    with as_job(members[0].job) as cfg:
-        shared = _shared(cfg, members[0].parts)
-    example = next(iter(members[0].parts.data.train_dataloader()))[0]
-    cap = model.members_that_fit(members[0].parts.student, example, shared.device) or len(members)
-    if cap < len(members):
-        log.info("stacked: %d jobs fit in the free memory of %s at once: the group trains in parts", cap, shared.device)
-    for start in range(0, len(members), cap):
-        _fit(members[start : start + cap], shared)
+    try:
+        with as_job(members[0].job) as cfg:
+            shared = _shared(cfg, members[0].parts)
+        example = next(iter(members[0].parts.data.train_dataloader()))[0]
+        cap = model.members_that_fit(members[0].parts.student, example, shared.device) or len(members)
+        if cap < len(members):
+            log.info("stacked: %d jobs fit in %s's free memory at once: the group trains in parts", cap, shared.device)
+        for start in range(0, len(members), cap):
+            _fit(members[start : start + cap], shared)
+    except Exception as error:  # noqa: BLE001 - the jobs still run, one after another, and report their own errors
+        for member in members:
+            stacked.release(member.job.out)
+        first = str(error).splitlines()[0] if str(error) else ""
+        log.warning(
+            "stacked: jobs %s could not train together (%s: %s); they run one after another",
+            _numbers(members),
+            type(error).__name__,
+            first,
+        )
+        return []
     return members
 
 

@@ -70,9 +70,9 @@ class StackedModel:
         if reason is not None:
             raise ValueError(reason)
         self.size = len(models)
-        params, buffers = stack_module_state([model.to(device) for model in models])
-        self.params: dict[str, Tensor] = params
-        self.buffers: dict[str, Tensor] = buffers
+        params, buffers = stack_module_state(list(models))  # copies: the students themselves stay as they are
+        self.params: dict[str, Tensor] = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        self.buffers: dict[str, Tensor] = {k: v.to(device) for k, v in buffers.items()}
         # the architecture without storage: functional_call supplies every tensor
         self.base = copy.deepcopy(models[0]).to("meta")
         self._per_member = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
