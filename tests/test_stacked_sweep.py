@@ -86,6 +86,7 @@ def test_a_second_run_skips_every_complete_job(sweeps) -> None:
     (root / "stacked" / "7" / "results.json").unlink()  # as if job 7 had been killed
     log = _sweep(root / "stacked", sweeps["cache"], "hydra/launcher=stacked", "hydra.launcher.max_stack=3")
     assert "jobs together" not in log and log.count("skip:") == 7, log[-3000:]
+    assert "job #7 runs on its own" in log
     after = {k: (root / "stacked" / str(k) / "results.json").stat().st_mtime_ns for k in range(7)}
     assert after == {k: before[k] for k in range(7)}
     assert results.read(root / "stacked" / "7")["status"] == "ok"

@@ -53,6 +53,11 @@ def train(group: list, as_job: Callable) -> list[Prepared]:
         if member is not None:
             members.append(member)
     if len(members) < 2:
+        if members:
+            log.info(
+                "stacked: job #%d runs on its own: the rest of its group is complete or failed a check",
+                members[0].job.num,
+            )
         return []
     reason = why_not(members)
     if reason is not None:

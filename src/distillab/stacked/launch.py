@@ -114,6 +114,10 @@ def run_group(
         log.info("\t#%d : %s", job.num, " ".join(filter_overrides(job.overrides)))
     if len(group) > 1:
         training.train(group, as_job)
+    else:
+        log.info(
+            "stacked: job #%d runs on its own: no other job shares its configuration (within max_stack)", group[0].num
+        )
     runs = []
     with measure.shared_profiles():  # what depends on the architecture only is measured once per group
         for job in group:

@@ -75,6 +75,7 @@ class StackedModel:
         self.buffers: dict[str, Tensor] = {k: v.to(device) for k, v in buffers.items()}
         # the architecture without storage: functional_call supplies every tensor
         self.base = copy.deepcopy(models[0]).to("meta")
+        self.names = list(self.base.state_dict())  # the architecture's state_dict order
         self._per_member = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
         self._shared = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
 
@@ -91,4 +92,4 @@ class StackedModel:
     def state_dict(self, member: int) -> dict[str, Tensor]:
         """Student ``member``'s state_dict (copies), in the architecture's key order."""
         rows = {**self.params, **self.buffers}
-        return {name: rows[name][member].detach().clone() for name in self.base.state_dict()}
+        return {name: rows[name][member].detach().clone() for name in self.names}
