@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,27 +42,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sweep_parallel import load, train  # the same timed command and load readout
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 3.0
 SWEEP = ["distill.lam=0.1,0.5,0.9", "distill.temperature=1,2,4", "seed=0,1,2"]
 ONE_JOB = ["distill.lam=0.5", "distill.temperature=2", "seed=0"]
 JOBS = 27
-
-
-def train(args: list[str], log: Path) -> float:
-    """``python train.py ARGS``; its wall seconds. Output goes to ``log``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        print(f"failed (exit {done.returncode}): python train.py {' '.join(args)}; see {log}", file=sys.stderr)
-        sys.exit(2)
-    return seconds
 
 
 def records(sweep: Path) -> dict[str, dict]:
@@ -81,27 +66,15 @@ def records(sweep: Path) -> dict[str, dict]:
     return found
 
 
-def load() -> str:
-    return "/".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def throughput() -> tuple[float, float]:
     """Student-steps per second of 27 stacked students and of the same 27 one after another."""
-    from distillab.data import DigitsDataModule
+    from distillab import conf
     from distillab.distill.methods.kd import KD, kd_terms
     from distillab.models import MLP
     from distillab.stacked import fit
 
     torch.set_num_threads(1)
-    data = DigitsDataModule(
-        batch_size=64,
-        eval_batch_size=512,
-        val_fraction=0.15,
-        test_fraction=0.15,
-        split_seed=0,
-        normalize=True,
-        labelled_fraction=1.0,
-    )
+    data = conf.build("data", "digits")
     x_all, y_all = data.splits["train"]
     table = torch.randn(len(y_all), 10)  # a teacher's logits; the cost does not depend on their values
     settings = [

@@ -21,6 +21,7 @@ from distillab.stacked import model as model_module
 from distillab.stacked.loss import StackedLoss
 from distillab.stacked.model import StackedModel, why_not_stackable
 from distillab.stacked.optim import StackedOptimizer
+from tests.conftest import CONF
 
 SEEDS, LAMS, TEMPERATURES, LRS = (0, 1, 2), (0.0, 0.5, 1.0), (1.0, 2.0, 4.0), (1e-3, 5e-3, 1e-2)
 STUDENTS = {
@@ -34,6 +35,13 @@ METHODS = {
     "none": lambda m: CrossEntropy(),
     "dkd": lambda m: DecoupledKD(1.0, 1.0, 2.0 + m, TEMPERATURES[m], 0, False),  # a method called member by member
 }
+
+
+def _digits(kind: type = DigitsDataModule) -> DigitsDataModule:
+    """``data=digits`` as conf/data/digits.yaml configures it, built as ``kind`` (a subclass)."""
+    settings = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "digits.yaml"))
+    settings.pop("_target_")
+    return kind(**settings)
 
 
 def _students(kind: str) -> list[torch.nn.Module]:
@@ -89,15 +97,7 @@ def test_students_of_different_shapes_do_not_stack() -> None:
 
 
 def test_the_group_fit_keeps_the_teacher_frozen_and_each_members_best_epoch(one_thread) -> None:
-    data = DigitsDataModule(
-        batch_size=64,
-        eval_batch_size=512,
-        val_fraction=0.15,
-        test_fraction=0.15,
-        split_seed=0,
-        normalize=True,
-        labelled_fraction=1.0,
-    )
+    data = _digits()
     torch.manual_seed(5)
     teacher = CNN((1, 8, 8), 10, 8, 1, 0.0)
     before = copy.deepcopy(teacher.state_dict())
@@ -121,15 +121,7 @@ def test_the_group_fit_keeps_the_teacher_frozen_and_each_members_best_epoch(one_
 
 
 def test_a_member_whose_loss_diverges_fails_alone(one_thread) -> None:
-    data = DigitsDataModule(
-        batch_size=64,
-        eval_batch_size=512,
-        val_fraction=0.15,
-        test_fraction=0.15,
-        split_seed=0,
-        normalize=True,
-        labelled_fraction=1.0,
-    )
+    data = _digits()
     members = [
         fit.Member(student, CrossEntropy(), functools.partial(torch.optim.SGD, lr=lr), seed)
         for student, lr, seed in zip(_students("mlp"), (0.01, 1e30, 0.01), SEEDS)
@@ -262,15 +254,7 @@ class _JitteredDigits(DigitsDataModule):
 
 
 def test_each_member_augments_its_own_batches(one_thread) -> None:
-    data = _JitteredDigits(
-        batch_size=64,
-        eval_batch_size=512,
-        val_fraction=0.15,
-        test_fraction=0.15,
-        split_seed=0,
-        normalize=True,
-        labelled_fraction=1.0,
-    )
+    data = _digits(_JitteredDigits)
     assert data.augments
     members = [
         fit.Member(student, CrossEntropy(), functools.partial(torch.optim.Adam, lr=1e-3), seed)

@@ -154,23 +154,18 @@ def test_the_summary_run_is_only_for_sweeps_that_log_to_wandb(make_cfg, logger, 
     assert loggers.uses_wandb(make_cfg(f"logger={logger}").get("logger")) is expected
 
 
-def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, no_wandb_account):
+def _two_job_sweep(tmp_path: Path, *extra: str) -> tuple[Path, str]:
+    """A sweep of seeds 0 and 1 that logs to wandb (offline), 2 epochs each; its folder and output."""
     sweep = tmp_path / "sweep"
     fast = [o for o in FAST if not o.startswith("logger=")]
-    result = run_train(
-        [
-            "-m",
-            "seed=0,1",
-            "distill=kd",
-            "logger=wandb",
-            *fast,
-            "trainer.max_epochs=2",
-            "teacher.recipe.max_epochs=2",
-            f"hydra.sweep.dir={sweep}",
-            f"paths.cache_dir={tmp_path / 'c'}",
-        ]
-    )
+    arguments = ["-m", "seed=0,1", *extra, "logger=wandb", *fast, "trainer.max_epochs=2", "teacher.recipe.max_epochs=2"]
+    result = run_train([*arguments, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'c'}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    return sweep, result.stdout + result.stderr
+
+
+def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, no_wandb_account):
+    sweep, output = _two_job_sweep(tmp_path, "distill=kd")
     group = loggers.sweep_group(sweep)
     for job, roles in (("0", ["teacher", "student"]), ("1", ["student"])):
         runs = [summarize_run(p) for p in sorted((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))]
@@ -199,26 +194,11 @@ def test_a_sweep_shares_a_group_is_tagged_and_ends_with_a_summary_run(tmp_path, 
     compared = json.loads((files / step["comparisons"]["path"]).read_text())
     assert compared["columns"] == report.COMPARISON_COLUMNS and compared["data"] == []
     assert step["comparisons"]["_type"] == "table-file" and step["comparisons_forest"]["_type"] == "image-file"
-    assert "wandb sync" in result.stdout + result.stderr
+    assert "wandb sync" in output
 
 
 def test_a_stacked_sweep_logs_each_job_as_its_own_wandb_run(tmp_path, no_wandb_account):
-    sweep = tmp_path / "sweep"
-    fast = [o for o in FAST if not o.startswith("logger=")]
-    result = run_train(
-        [
-            "-m",
-            "hydra/launcher=stacked",
-            "seed=0,1",
-            "logger=wandb",
-            *fast,
-            "trainer.max_epochs=2",
-            "teacher.recipe.max_epochs=2",
-            f"hydra.sweep.dir={sweep}",
-            f"paths.cache_dir={tmp_path / 'c'}",
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    sweep, _ = _two_job_sweep(tmp_path, "hydra/launcher=stacked")
     group = loggers.sweep_group(sweep)
     for job in ("0", "1"):
         runs = {summarize_run(p)["job_type"]: p for p in (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")}
