@@ -11,7 +11,7 @@ import torch
 from distillab import conf, pipeline
 from distillab.config import ConfigError
 from distillab.data import DigitsDataModule
-from distillab.distill.labels import UNLABELLED, labelled_cross_entropy, labelled_subset
+from distillab.distill.labels import UNLABELLED, labelled_cross_entropy, labelled_nll, labelled_subset
 from distillab.distill.methods.kd import kd_terms, soft_kl
 from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.module import ClassifierModule, _EpochTotals
@@ -42,6 +42,30 @@ def test_a_batch_without_labels_gives_zero_and_finite_gradients():
     assert value.requires_grad and value.item() == 0.0
     value.backward()
     assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad, torch.zeros(5, 4))
+
+
+def test_labelled_nll_of_log_probabilities_is_the_weighted_labelled_mean():
+    rows = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0], [3.0, -2.0, 1.0]]
+    targets = torch.tensor([2, U, 1, U])
+    logits = torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+    expected = (hand_cross_entropy(rows[0], 2) + hand_cross_entropy(rows[2], 1)) / 2
+    for weight in (1.0, 0.25):
+        value = labelled_nll(torch.log_softmax(logits, dim=1), targets, weight=weight)
+        assert value.dtype == torch.float64 and value.item() == pytest.approx(weight * expected, rel=1e-12)
+        assert labelled_cross_entropy(logits, targets, weight=weight).item() == pytest.approx(value.item(), rel=1e-12)
+    # the gradient of the weighted mean: softmax − one-hot on the labelled rows, over their count
+    (grad,) = torch.autograd.grad(labelled_nll(torch.log_softmax(logits, dim=1), targets, weight=0.25), logits)
+    softmax = torch.softmax(logits.detach(), dim=1)
+    expected_grad = torch.zeros_like(softmax)
+    for i, target in ((0, 2), (2, 1)):
+        expected_grad[i] = 0.25 * (softmax[i] - torch.nn.functional.one_hot(torch.tensor(target), 3)) / 2
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
+    # no label in the batch: 0 with a zero gradient, weighted or not
+    for weight in (1.0, 0.3):
+        empty = labelled_nll(torch.log_softmax(logits, dim=1), torch.full((4,), U), weight=weight)
+        assert empty.item() == 0.0
+        (grad,) = torch.autograd.grad(empty, logits)
+        assert torch.equal(grad, torch.zeros(4, 3, dtype=torch.float64))
 
 
 def test_kd_and_plain_losses_use_labels_only_where_there_are_some():

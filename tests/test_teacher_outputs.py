@@ -192,6 +192,77 @@ def test_table_moves_with_the_module():
     assert module.teacher_logits(torch.zeros(2, 16), torch.tensor([0, 3])).dtype == torch.float64
 
 
+class PreparedCounting(nn.Module):
+    """A logit method with the pair of hooks: its prepared table is the logits times −4 (exact in
+    floating point), and ``forward_prepared`` undoes that, so a step equals ``forward`` on the
+    logits only if it read prepared rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[Tensor] = []
+        self.prepared_steps = 0
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        loss = ((student_logits - teacher_logits) ** 2).mean()
+        return {"loss": loss}
+
+    def prepare_teacher(self, teacher_logits: Tensor) -> Tensor:
+        self.prepared.append(teacher_logits)
+        return teacher_logits * -4.0
+
+    def forward_prepared(self, student_logits: Tensor, rows: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        self.prepared_steps += 1
+        return self(student_logits, rows / -4.0, targets)
+
+
+class WithoutHooks(nn.Module):
+    """A user's logit method: forward only."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        return {"loss": ((student_logits - teacher_logits) ** 2).mean()}
+
+
+def test_the_table_is_prepared_once_and_steps_read_prepared_rows():
+    table = torch.randn(10, 4)
+    method = PreparedCounting()
+    module = DistillationModule(nn.Linear(16, 4), None, method, teacher_table=table)
+    x, y, index = torch.randn(3, 16), torch.tensor([0, 1, 2]), torch.tensor([7, 0, 3])
+    logits = module.model(x)
+    for _ in range(3):
+        terms = module.loss_terms(x, y, index, logits)
+    assert len(method.prepared) == 1 and method.prepared[0] is table and method.prepared_steps == 3
+    expected = ((logits - table[index]) ** 2).mean()
+    assert torch.equal(terms["loss"], expected)
+    plain = DistillationModule(nn.Linear(16, 4), None, WithoutHooks(), teacher_table=table)
+    assert torch.equal(plain.loss_terms(x, y, index, logits)["loss"], expected)  # forward, on the logits
+    with pytest.raises(ValueError, match="index"):
+        module.loss_terms(x, y, None, logits)
+
+
+def test_a_cast_prepares_the_table_again_from_the_cast_logits():
+    table = torch.randn(10, 4)
+    method = KD(lam=0.5, temperature=2.0, standardize=True)
+    module = DistillationModule(nn.Linear(16, 4), None, method, teacher_table=table).double()
+    x, y, index = torch.randn(3, 16, dtype=torch.float64), torch.tensor([0, -1, 2]), torch.tensor([9, 4, 1])
+    logits = module.model(x)
+    terms = module.loss_terms(x, y, index, logits)
+    assert terms["kd"].dtype == torch.float64
+    # the float64 teacher's log-probabilities, not the float32 ones cast
+    expected = method(logits, table.double()[index], y)
+    for name in ("ce", "kd", "loss"):
+        assert torch.equal(terms[name], expected[name]), name
+
+
+def test_a_method_with_prepare_teacher_alone_is_refused():
+    class HalfHooked(WithoutHooks):
+        def prepare_teacher(self, teacher_logits: Tensor) -> Tensor:
+            return teacher_logits
+
+    with pytest.raises(TypeError, match="forward_prepared"):
+        DistillationModule(nn.Linear(16, 4), None, HalfHooked(), teacher_table=torch.randn(10, 4))
+    DistillationModule(nn.Linear(16, 4), nn.Linear(16, 4), HalfHooked())  # no table: the hook is not used
+
+
 # -- augmentation, feature methods and bad settings ---------------------------------------------
 def test_augmented_inputs_take_the_live_teacher_and_cached_fails_in_one_line(tmp_path, caplog):
     overrides = ["data=synthetic", "data._target_=tests.test_teacher_outputs.JitteredSynthetic"]

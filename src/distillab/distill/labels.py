@@ -11,23 +11,38 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: the target of a training sample whose label the student may not see
 UNLABELLED = -1
+
+# torch's NLL kernel, which returns the sum and the count of the targets it did not ignore, and
+# its reduction code for a sum (the ``reduction="sum"`` of torch.nn.functional)
+_NLL_FORWARD = torch.ops.aten.nll_loss_forward.default
+_SUM = 2
 
 
 def labelled_cross_entropy(logits: Tensor, targets: Tensor, weight: float = 1.0) -> Tensor:
     """Mean cross-entropy over the samples whose target is not ``UNLABELLED``, times ``weight``.
 
     A batch without any labelled sample gives exactly 0 with a (zero) gradient path to the
-    logits, never NaN, so a step on such a batch is still a valid step of the other terms. The
-    weight joins the count in one scale factor, which needs no gradient.
+    logits, never NaN, so a step on such a batch is still a valid step of the other terms
+    (``labelled_nll`` of the log-softmax of ``logits``, N×C).
     """
-    total = F.cross_entropy(logits, targets, ignore_index=UNLABELLED, reduction="sum")
-    count = (targets != UNLABELLED).sum().clamp_min(1)
-    return total / count if weight == 1 else total * (weight / count.to(total.dtype))
+    return labelled_nll(logits.log_softmax(dim=1), targets, weight)
+
+
+def labelled_nll(log_probs: Tensor, targets: Tensor, weight: float = 1.0) -> Tensor:
+    """``labelled_cross_entropy`` from the log-probabilities (N×C) instead of the logits, so that a
+    loss that needs them for another term too computes them once.
+
+    torch's NLL kernel returns the count of the targets it did not ignore beside their sum, so the
+    mean costs one clamp (an empty count is taken as 1: the sum is then 0) and one division, into
+    which ``weight`` is folded; neither the count nor the weight needs a gradient.
+    """
+    total, count = _NLL_FORWARD(log_probs, targets, None, _SUM, UNLABELLED)
+    scale = count.clamp_min(1)
+    return total / (scale if weight == 1 else scale / weight)
 
 
 def labelled_subset(targets: Tensor | np.ndarray, fraction: float, seed: int) -> Tensor:
@@ -65,4 +80,4 @@ def hide_labels(targets: Tensor, labelled: Tensor) -> Tensor:
     return torch.where(labelled, targets, torch.full_like(targets, UNLABELLED))
 
 
-__all__ = ["UNLABELLED", "hide_labels", "labelled_cross_entropy", "labelled_subset"]
+__all__ = ["UNLABELLED", "hide_labels", "labelled_cross_entropy", "labelled_nll", "labelled_subset"]

@@ -39,16 +39,18 @@ _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 class _EpochTotals:
     """One epoch's step values of one stage (train or val), kept on the device.
 
-    A step appends one stacked tensor of its loss terms and its count of correct predictions;
-    the batch-size-weighted means are computed once, at the end of the epoch. Accuracy is over
-    the labelled samples (an ``UNLABELLED`` target is never a correct prediction).
+    A step appends one stacked tensor of its loss terms, its predicted classes and its targets
+    (two tensor ops; every op adds microseconds to a small student's step of a millisecond or
+    two); the batch-size-weighted means and the accuracy are computed once, at the end of the
+    epoch. Accuracy is over the labelled samples (an ``UNLABELLED`` target is never a correct
+    prediction).
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.rows: list[Tensor] = []
-        self.correct: list[Tensor] = []
-        self.labelled: list[Tensor] = []
+        self.predicted: list[Tensor] = []
+        self.targets: list[Tensor] = []
         self.counts: list[int] = []
         self.checked = 0  # rows already checked for NaN/inf
 
@@ -57,8 +59,8 @@ class _EpochTotals:
             raise ValueError(f"the loss returned terms {list(terms)} after {self.names} earlier in the epoch")
         with torch.no_grad():
             self.rows.append(torch.stack(list(terms.values())))
-            self.correct.append((logits.argmax(dim=1) == y).sum())
-            self.labelled.append((y != UNLABELLED).sum())
+            self.predicted.append(logits.argmax(dim=1))
+        self.targets.append(y)
         self.counts.append(len(y))
 
     def unchecked_sum(self, name: str) -> Tensor | None:
@@ -73,7 +75,9 @@ class _EpochTotals:
         weights = torch.tensor(self.counts, dtype=rows.dtype, device=rows.device)
         count = sum(self.counts)
         means = dict(zip((f"{stage}/{name}" for name in self.names), (weights @ rows / count).unbind()))
-        means[f"{stage}/acc"] = torch.stack(self.correct).sum().float() / torch.stack(self.labelled).sum().clamp_min(1)
+        predicted, targets = torch.cat(self.predicted), torch.cat(self.targets)
+        labelled = (targets != UNLABELLED).sum().clamp_min(1)
+        means[f"{stage}/acc"] = (predicted == targets).sum().float() / labelled
         return means
 
 
@@ -221,6 +225,15 @@ class DistillationModule(ClassifierModule):
     neither the optimizer, the checkpoint, nor DDP's gradient buckets, and ``.train()`` calls
     made by the training loop cannot reach it. It is pinned to eval mode with gradients off,
     so its BatchNorm statistics and dropout never change during the fit.
+
+    With a ``teacher_table`` (cached teacher outputs) the teacher's side of a loss is constant
+    for the fit. A logit method may then say how to compute it once for the whole table, by an
+    optional pair of methods beside ``forward`` (``KD`` has them): ``prepare_teacher(logits)``
+    maps an N×C table of teacher logits to a table whose row i depends on row i alone, and
+    ``forward_prepared(student_logits, rows, targets)`` returns what ``forward`` returns for the
+    logits those rows were prepared from. The module prepares the table once (again when it is
+    moved or cast) and calls ``forward_prepared`` with the rows of the batch's samples. A method
+    without the pair is called as ``forward(student_logits, teacher_logits, targets)``.
     """
 
     def __init__(
@@ -238,6 +251,7 @@ class DistillationModule(ClassifierModule):
         # the teacher's logits for every training sample (teacher.outputs): row i is
         # sample i of the train split; not a buffer, so DDP never broadcasts it at each step
         object.__setattr__(self, "_teacher_table", teacher_table)
+        object.__setattr__(self, "_prepared_table", prepared_table(loss, teacher_table))
         object.__setattr__(self, "_taps", None)
         self._freeze_teacher()
 
@@ -268,15 +282,16 @@ class DistillationModule(ClassifierModule):
             self._teacher._apply(fn, *args, **kwargs)
         if self._teacher_table is not None:
             object.__setattr__(self, "_teacher_table", fn(self._teacher_table))
+            # prepared again from the moved table, not moved itself: a cast to float64 then
+            # gives what float64 logits give
+            object.__setattr__(self, "_prepared_table", prepared_table(self.loss, self._teacher_table))
         return self
 
     def teacher_logits(self, x: Tensor, index: Tensor | None) -> Tensor | None:
         if not needs_teacher(self.loss):
             return None
         if self._teacher_table is not None:  # cached outputs: the teacher is not run
-            if index is None:
-                raise ValueError("a teacher_table needs (x, y, index) training batches, index = the sample's row")
-            return self._teacher_table[index]
+            return _rows(self._teacher_table, index)
         if self._teacher is None:
             return None
         with torch.no_grad():
@@ -300,6 +315,8 @@ class DistillationModule(ClassifierModule):
 
     def loss_terms(self, x: Tensor, y: Tensor, index: Tensor | None, logits: Tensor) -> dict[str, Tensor]:
         if self._taps is None:
+            if self._prepared_table is not None:
+                return self.loss.forward_prepared(logits, _rows(self._prepared_table, index), y)
             return super().loss_terms(x, y, index, logits)
         student_taps, teacher_taps = self._taps
         with torch.no_grad():
@@ -313,6 +330,24 @@ class DistillationModule(ClassifierModule):
         state = super().__getstate__()
         state["_taps"] = None
         return state
+
+
+def prepared_table(loss: nn.Module, table: Tensor | None) -> Tensor | None:
+    """``loss.prepare_teacher(table)`` when there is a table and ``loss`` has the pair of methods
+    ``prepare_teacher``/``forward_prepared`` (``DistillationModule``), else None."""
+    if table is None or not callable(getattr(loss, "prepare_teacher", None)):
+        return None
+    if not callable(getattr(loss, "forward_prepared", None)):
+        raise TypeError(f"{type(loss).__name__} has prepare_teacher but no forward_prepared to read its rows")
+    with torch.no_grad():
+        return loss.prepare_teacher(table)
+
+
+def _rows(table: Tensor, index: Tensor | None) -> Tensor:
+    """The rows of a table of the training samples for the batch's sample indices."""
+    if index is None:
+        raise ValueError("a teacher_table needs (x, y, index) training batches, index = the sample's row")
+    return table.index_select(0, index)
 
 
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:

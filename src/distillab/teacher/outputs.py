@@ -4,7 +4,10 @@ When the student's training inputs are deterministic (no random augmentation), a
 teacher in eval mode gives each training sample the same logits in every epoch, so running
 it at every step repeats the same work. Instead, its logits are computed once, in sample
 order, stored with the teacher in its cache folder, and the student's step reads them by the
-sample index its batch carries (``DistillationModule(teacher_table=...)``).
+sample index its batch carries (``DistillationModule(teacher_table=...)``). The teacher's side
+of the loss is then constant for the fit too: a method that says how (``KD``:
+``prepare_teacher``, the log-probabilities at T) has it computed once from the whole table, and
+its step reads rows of that instead of recomputing them from the logits.
 
 ``teacher_outputs.cache`` chooses the path: ``auto`` (the default) takes the table when the
 inputs are deterministic and the loss reads nothing but the teacher's logits, the live
@@ -26,7 +29,8 @@ composition). ``dtype: float16`` rounds every logit to half precision (relative 
 5e-4); ``top_k: k`` keeps the k largest logits of each sample exactly and gives every other
 class the mean of the teacher's remaining logits, which is at most the k-th: the soft targets
 keep their top k and the mass of the rest, not its order. Both shrink the stored file; on the
-device the table is always a dense float32 N×C tensor.
+device the table is always a dense float32 N×C tensor (and, for a method that prepares it, a
+second N×C tensor of what it prepared).
 
 A stored table is named by what determines it (the teacher's cache key, a hash of the
 training inputs, dtype and top-k), written atomically under a file lock, so two sweep jobs

@@ -6,7 +6,9 @@ returns a dict of named loss terms with the total under ``"loss"``; each term is
 ``needs_teacher = True`` (False: no teacher is run, as for ``distill=none``), ``temperature``
 (the temperature at which an ensemble of teachers averages probabilities; 1) and
 ``on_epoch_start(epoch)`` (called at each training epoch, for schedules of weights). A logit
-method can read the teacher's logits from a table computed once (cached teacher outputs).
+method can read the teacher's logits from a table computed once (cached teacher outputs); with
+the optional pair ``prepare_teacher(table)`` / ``forward_prepared(student_logits, rows, targets)``
+(``KD`` has it) its teacher side is computed once from that table too (``DistillationModule``).
 
 **A feature method** derives from ``FeatureMethod``. It declares the layers it reads by module
 path (``student_layers`` / ``teacher_layers``, or ``default_layers`` picked from each model's
