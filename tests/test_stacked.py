@@ -319,3 +319,13 @@ def test_a_group_that_fails_to_train_together_runs_one_after_another(tmp_path, m
         assert group.train(jobs, launch.as_job) == []
     assert all(stacked.handoff(job.out) is None for job in jobs)
     assert "could not train together (RuntimeError: vmap: an operator without a batching rule)" in caplog.text
+
+
+def test_methods_that_train_more_than_the_student_run_one_after_another(tmp_path, caplog) -> None:
+    from distillab.stacked import group, launch
+
+    jobs = _jobs(tmp_path, "distill=fitnet")
+    with caplog.at_level("INFO"):
+        assert group.train(jobs, launch.as_job) == []  # decided before any teacher is trained
+    assert "jobs #0, #1 run one after another: distill=fitnet trains more than the student" in caplog.text
+    assert all(stacked.handoff(job.out) is None for job in jobs) and not (tmp_path / "c").exists()

@@ -4,7 +4,6 @@ learning curves agree; a second run resumes; what cannot stack says why and runs
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -90,27 +89,6 @@ def test_a_second_run_skips_every_complete_job(sweeps) -> None:
     after = {k: (root / "stacked" / str(k) / "results.json").stat().st_mtime_ns for k in range(7)}
     assert after == {k: before[k] for k in range(7)}
     assert results.read(root / "stacked" / "7")["status"] == "ok"
-
-
-def test_methods_that_train_more_than_the_student_run_one_after_another(sweeps, tmp_path: Path) -> None:
-    result = run_train(
-        [
-            "-m",
-            "hydra/launcher=stacked",
-            "distill=fitnet",
-            "seed=0,1",
-            *FAST,
-            "trainer.max_epochs=1",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            f"paths.cache_dir={sweeps['cache']}",  # the teacher the sweeps above trained
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stdout + result.stderr
-    assert "run one after another: distill=fitnet trains more than the student" in log
-    for k in range(2):
-        record = json.loads((tmp_path / "sweep" / str(k) / "results.json").read_text())
-        assert record["status"] == "ok" and "launcher" not in record
 
 
 @pytest.mark.parametrize("key", ["max_stack", "n_jobs"])
