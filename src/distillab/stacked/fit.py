@@ -124,17 +124,14 @@ class _GroupFit:
             loader.epoch += 1
         # the epoch's inputs, labels and teacher side gathered once, then sliced batch by batch
         xs, ys = self.x[orders], self.y[orders]
-        sides = _teacher_side(self.loss, None, self.prepared, xs, orders) if self.prepared is not None else None
+        sides = self.loss.teacher_batch(self.prepared, orders) if self.prepared is not None else None
         labelled = (ys != UNLABELLED).sum(1)
         batch, rows, correct = self.loaders[0].batch_size, [], []
         for start in range(0, orders.shape[1], batch):
             x, y = xs[:, start : start + batch], ys[:, start : start + batch]
             if self.data.augments:
                 x = torch.stack([self.data.augment(x[m]) for m in range(self.size)])
-            if sides is not None:
-                side = sides[:, start : start + batch]
-            else:
-                side = _teacher_side(self.loss, self.teacher, None, x, orders[:, start : start + batch])
+            side = sides[:, start : start + batch] if sides is not None else _live_teacher(self.loss, self.teacher, x)
             logits = self.model(x)
             terms = self.loss(logits, side, y)
             self.optimizer.step(torch.autograd.grad(terms["loss"].sum(), self.params))
@@ -168,16 +165,12 @@ class _GroupFit:
                 outcome.state, outcome.best_epoch, outcome.best_step = self.model.state_dict(m), epoch, self.step
 
 
-def _teacher_side(
-    loss: StackedLoss, teacher: torch.nn.Module | None, prepared: Tensor | None, x: Tensor, index: Tensor
-) -> Tensor | None:
-    """The teacher's side of the batch: from the prepared table, or from the live teacher."""
-    if prepared is not None:
-        return loss.teacher_batch(prepared, index)
+def _live_teacher(loss: StackedLoss, teacher: torch.nn.Module | None, x: Tensor) -> Tensor | None:
+    """The teacher's side of a batch x [M, B, ...] from the live teacher (None: the method reads none)."""
     if teacher is None:
         return None
     with torch.no_grad():
-        logits = teacher(x.flatten(0, 1)).view(*index.shape, -1)
+        logits = teacher(x.flatten(0, 1)).view(*x.shape[:2], -1)
     return loss.teacher_log_probs(logits) if loss.kind == "kd" else logits
 
 
