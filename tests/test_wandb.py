@@ -21,19 +21,24 @@ HEADER = 7  # ":W&B" + 2-byte magic + 1-byte version; each chunk: crc32, length,
 def read_wandb_records(path: Path, wait_s: float = 30.0) -> list:
     """Parse a ``.wandb`` transaction log (LevelDB-style blocks) into protobuf Records.
 
-    wandb's service process writes the log; it can still be flushing the last block when
-    ``finish()`` has returned in offline mode, so a log that does not parse yet is read again
-    until it does (at most ``wait_s`` seconds), then the error is raised."""
+    wandb's service process writes the log; it can still be writing it when ``finish()`` has
+    returned in offline mode (a log cut inside a block, or whole blocks with the run record not
+    yet among them), so the log is read again until it parses and ends with the ``exit`` record
+    that closes a finished run (at most ``wait_s`` seconds), then the last error is raised."""
     from google.protobuf.message import DecodeError
 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return _parse_wandb_log(path)
-        except DecodeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            records = _parse_wandb_log(path)
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+            problem: Exception = AssertionError(f"{path} does not end with an exit record yet")
+        except DecodeError as error:
+            problem = error
+        if time.monotonic() > deadline:
+            raise problem
+        time.sleep(0.5)
 
 
 def _parse_wandb_log(path: Path) -> list:
