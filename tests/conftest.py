@@ -28,6 +28,23 @@ FAST = [
 ]
 
 conf.register_resolvers()
+#: most test workers ``pytest -n auto`` starts (each imports torch and trains small models)
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per core, at most :data:`MAX_WORKERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_configure(config) -> None:
+    """In a test worker, torch gets the worker's share of the cores, so that workers training at
+    the same time do not oversubscribe them (a test that sets its own thread count restores it)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def compose_cfg(overrides: list[str], out: Path, cache: Path | None = None) -> DictConfig:
