@@ -211,6 +211,9 @@ def test_a_stacked_sweep_logs_each_job_as_its_own_wandb_run(tmp_path, no_wandb_a
         assert student["group"] == group and f"seed={job}" in student["tags"]
         record = json.loads((sweep / job / "results.json").read_text())
         assert record["launcher"] == "stacked"
+        # the group trained the missing teacher once, logged and reported as the first job's
+        assert record["teacher"]["cache"] == ("miss" if job == "0" else "hit")
+        assert ("teacher" in runs) == (job == "0")
         # the epochs at Lightning's steps: validation, then training, at the last step of each epoch
         history = history_of(runs["student"])
         epochs = [step for step in history if "val/acc" in step or "train/loss" in step]

@@ -163,7 +163,7 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
     """Obtain the teacher, train the student, compress, measure, write results.json."""
     fitting = _fitting(cfg, parts)
     together = method_contract.cotrains(parts.method)
-    teacher = None if together else obtain_teacher(cfg, parts, fitting)
+    teacher = None if together else stacked.teacher(parts.out) or obtain_teacher(cfg, parts, fitting)
     helper = None
     if parts.assistant is not None:
         helper = assistant.obtain(cfg, *parts.assistant, parts.data, teacher, fitting)

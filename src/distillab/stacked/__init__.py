@@ -20,7 +20,8 @@ import torch
 class Handoff:
     """What a member's job takes over from its group: the run's built parts (``pipeline.Parts``,
     the student not yet loaded with its best weights), the member's ``fit.Trained`` outcome, how
-    the group got the teacher's logits, and the group's identity."""
+    the group got the teacher's logits, the group's identity, and the teacher the group obtained
+    (``teacher.cache.Teacher`` as this job reports it; None when the method reads no teacher)."""
 
     parts: Any
     trained: Any
@@ -29,6 +30,7 @@ class Handoff:
     seconds: float  # the member's share of the group's fit
     group: str
     size: int
+    teacher: Any = None
 
 
 _HANDOFFS: dict[Path, Handoff] = {}
@@ -45,6 +47,12 @@ def hand_over(out: str | Path, handoff: Handoff) -> None:
 def handoff(out: str | Path) -> Handoff | None:
     """The handoff waiting for the job of folder ``out``, if its group trained it."""
     return _HANDOFFS.get(_key(out))
+
+
+def teacher(out: str | Path) -> Any:
+    """The teacher that the group of the job of folder ``out`` obtained (``Handoff.teacher``), or None."""
+    found = handoff(out)
+    return None if found is None else found.teacher
 
 
 def release(out: str | Path) -> None:

@@ -88,9 +88,10 @@ def train(group: list, as_job: Callable) -> list[Prepared]:
 
 @dataclasses.dataclass
 class Shared:
-    """What the members of a group share: the teacher (live, or its table of outputs), where they
-    train, the schedule and the number of epochs."""
+    """What the members of a group share: the teacher (as obtained, and live or as its table of
+    outputs), where they train, the schedule and the number of epochs."""
 
+    teacher: Any  # teacher.cache.Teacher, None when the method reads no teacher
     given: Any  # teacher.outputs.TeacherOutputs
     live: Any
     device: torch.device
@@ -102,6 +103,7 @@ def _shared(cfg: Any, parts: Any) -> Shared:
     """The teacher obtained (from the cache, or trained now) and its outputs, as the first member's
     job would obtain them."""
     accelerator = str(cfg.trainer.accelerator)
+    teacher = None
     if needs_teacher(parts.method):
         teacher = pipeline.obtain_teacher(cfg, parts)
         taught = settings_of(outputs.OutputSettings, resolved(cfg.teacher_outputs))
@@ -111,7 +113,7 @@ def _shared(cfg: Any, parts: Any) -> Shared:
     else:
         given, live = outputs.TeacherOutputs("none", "the method reads no teacher"), None
         device = outputs.compute_device(accelerator, parts.student)
-    return Shared(given, live, device, scheduler_factory(cfg.optim), int(cfg.trainer.max_epochs))
+    return Shared(teacher, given, live, device, scheduler_factory(cfg.optim), int(cfg.trainer.max_epochs))
 
 
 def _fit(members: list[Prepared], shared: Shared) -> None:
@@ -133,11 +135,29 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
         stack, members[0].parts.data, shared.live, given.table, shared.scheduler, shared.epochs, shared.device
     )
     log.info("stacked: group %s trained in %.1f s (%.2f s per job)", group_id, seconds, seconds / len(members))
-    for member, outcome in zip(members, trained):
+    for index, (member, outcome) in enumerate(zip(members, trained)):
         handoff = stacked.Handoff(
-            member.parts, outcome, given.mode, given.seconds, seconds / len(members), group_id, len(members)
+            member.parts,
+            outcome,
+            given.mode,
+            given.seconds,
+            seconds / len(members),
+            group_id,
+            len(members),
+            _teacher_of(shared.teacher, index),
         )
         stacked.hand_over(member.job.out, handoff)
+    # a later part of a group split by memory reads the teacher from the cache, as a later job would
+    shared.teacher = _teacher_of(shared.teacher, len(members))
+
+
+def _teacher_of(teacher: Any, index: int) -> Any:
+    """The teacher as the ``index``-th member's job reports it: the first as the group obtained it
+    (a teacher trained now is a cache ``miss``, with its training time), every later one as a basic
+    job after it would (a ``hit``) without the time of loading it, which the group's jobs share."""
+    if teacher is None or index == 0:
+        return teacher
+    return dataclasses.replace(teacher, cache="hit" if teacher.cache == "miss" else teacher.cache, seconds=0.0)
 
 
 def _prepare(job: Any, as_job: Callable, data: Any) -> Prepared | None:
