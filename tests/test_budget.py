@@ -14,7 +14,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from distillab import pipeline
+from distillab import measure, pipeline
 from distillab.compress import Context, budget, plots
 from distillab.compress import prune as P
 from distillab.config import ConfigError
@@ -144,6 +144,24 @@ def test_pruning_one_layer_alone_changes_only_that_layer(trained_mlp):
         assert torch.equal(kept, tensor), name  # the originals are untouched, the mask holds the zeros
     assert int((pruned.features[3].weight == 0).sum()) == 64 * 64 // 2
     assert all(int((pruned.get_submodule(n).weight == 0).sum()) == 0 for n in ("features.1", "classifier"))
+
+
+def test_the_macs_of_zeroed_weights_count_convolutions_transposed_grouped_and_dense():
+    """The MACs objective of unstructured pruning, against torch's flop counter (dense) and the
+    count of each layer by hand: a weight of a convolution is used once per output position, one
+    of a transposed convolution once per input position."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),  # 8x8 out: 36 weights x 64
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),  # 8x8 out: 108 weights x 64
+        nn.ConvTranspose2d(6, 3, 2, stride=2),  # 8x8 in, 16x16 out: 72 weights x 64 (not x 256)
+        nn.Flatten(),
+        nn.Linear(3 * 16 * 16, 10),
+    )
+    zeroing = P.weight_zeroing(model, DIGITS, GRID)
+    by_hand = (36 + 108 + 72) * 64 + 3 * 16 * 16 * 10
+    assert zeroing.cost(model)["macs"] == by_hand == measure.macs(model, DIGITS)
+    half = zeroing.prune(model, {"2": 0.5})
+    assert zeroing.cost(half)["macs"] == by_hand - 36 * 64
 
 
 def test_removing_one_group_of_channels_changes_only_its_layers():

@@ -314,12 +314,17 @@ def _masked_weight(module: nn.Module) -> Tensor:
 
 def _weight_uses(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """How many multiply-accumulates each weight element of each Conv/Linear layer takes part in,
-    per sample: the output positions of its layer (H_out·W_out of a 2-D conv, 1 of a Linear)."""
+    per sample: the output positions of its layer (H_out·W_out of a 2-D conv, 1 of a Linear on
+    one vector per sample), or the input positions of a transposed convolution, which multiplies
+    every weight of a channel once per position of its input."""
     uses: dict[str, int] = {}
 
     def hook(name: str) -> Callable:
         def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            uses[name] = output.numel() // (output.shape[0] * module.weight.shape[0])
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                uses[name] = inputs[0].numel() // (inputs[0].shape[0] * module.in_channels)
+            else:
+                uses[name] = output.numel() // (output.shape[0] * module.weight.shape[0])
 
         return record
 
