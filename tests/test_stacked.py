@@ -227,6 +227,20 @@ def test_a_job_without_a_handoff_gets_no_stack_fields(tmp_path) -> None:
     assert stacked.handoff(tmp_path) is None
 
 
+def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(tmp_path) -> None:
+    from distillab.teacher.cache import Teacher
+
+    teacher = Teacher(torch.nn.Identity(), "k", "miss", tmp_path, seconds=2.0)
+    record = {"timing_s": {"teacher": 2.5, "student": 1.0, "compress": 0.0, "total": 0.25}}
+    stacked.hand_over(tmp_path, stacked.Handoff(None, None, "cached", 0.5, 1.0, "g", 3, teacher))
+    stacked.complete(tmp_path, record)  # the fit's share 1.0, the table 0.5 and the teacher 2.0
+    assert record["timing_s"]["total"] == 3.75 and record["stack"] == {"group": "g", "size": 3}
+    stacked.hand_over(tmp_path, stacked.Handoff(None, None, "cached", 0.0, 1.0, "g", 3, None))
+    stacked.complete(tmp_path, record)  # a later job: its share of the fit only
+    assert record["timing_s"]["total"] == 4.75
+    stacked.release(tmp_path)
+
+
 def test_host_memory_does_not_cap_a_group_on_a_cpu() -> None:
     assert model_module.members_that_fit(_students("mlp")[0], torch.zeros(4, 1, 8, 8), torch.device("cpu")) is None
 

@@ -214,6 +214,8 @@ def test_a_stacked_sweep_logs_each_job_as_its_own_wandb_run(tmp_path, no_wandb_a
         # the group trained the missing teacher once, logged and reported as the first job's
         assert record["teacher"]["cache"] == ("miss" if job == "0" else "hit")
         assert ("teacher" in runs) == (job == "0")
+        timing = record["timing_s"]  # the group's time for the teacher and its table is the first job's
+        assert (timing["teacher"] > 0) == (job == "0") and timing["total"] >= timing["teacher"] + timing["student"]
         # the epochs at Lightning's steps: validation, then training, at the last step of each epoch
         history = history_of(runs["student"])
         epochs = [step for step in history if "val/acc" in step or "train/loss" in step]

@@ -26,7 +26,7 @@ class Handoff:
     parts: Any
     trained: Any
     mode: str
-    table_seconds: float
+    table_seconds: float  # filling the teacher-output table: the group's time for its first job, else 0
     seconds: float  # the member's share of the group's fit
     group: str
     size: int
@@ -68,14 +68,17 @@ def fields(out: str | Path) -> dict[str, Any]:
 
 
 def complete(out: str | Path, record: dict[str, Any]) -> None:
-    """Add a stacked job's ``fields`` to its ``record``, and its share of the group's fit (already
-    its ``timing_s.student``) to ``timing_s.total``, which otherwise counts the job's own time only."""
+    """Add a stacked job's ``fields`` to its ``record``, and to ``timing_s.total``, which otherwise
+    counts the job's own time only, what its group spent for it before the job started: its share
+    of the fit (its ``timing_s.student``) and, for the job that reports them, obtaining the teacher
+    and filling its output table (its ``timing_s.teacher``)."""
     found = handoff(out)
     if found is None:
         return
     record.update(fields(out))
     if "timing_s" in record:
-        record["timing_s"]["total"] = round(record["timing_s"]["total"] + found.seconds, 3)
+        before = found.seconds + found.table_seconds + (found.teacher.seconds if found.teacher is not None else 0.0)
+        record["timing_s"]["total"] = round(record["timing_s"]["total"] + before, 3)
 
 
 def checkpoint(state: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, Any]:

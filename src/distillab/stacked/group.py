@@ -97,6 +97,7 @@ class Shared:
     device: torch.device
     scheduler: Any
     epochs: int
+    reported: bool = False  # whether a job already reports the time spent obtaining the teacher
 
 
 def _shared(cfg: Any, parts: Any) -> Shared:
@@ -136,26 +137,26 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
     )
     log.info("stacked: group %s trained in %.1f s (%.2f s per job)", group_id, seconds, seconds / len(members))
     for index, (member, outcome) in enumerate(zip(members, trained)):
+        first = index == 0 and not shared.reported
         handoff = stacked.Handoff(
             member.parts,
             outcome,
             given.mode,
-            given.seconds,
+            given.seconds if first else 0.0,
             seconds / len(members),
             group_id,
             len(members),
-            _teacher_of(shared.teacher, index),
+            _teacher_as_reported(shared.teacher, first),
         )
         stacked.hand_over(member.job.out, handoff)
-    # a later part of a group split by memory reads the teacher from the cache, as a later job would
-    shared.teacher = _teacher_of(shared.teacher, len(members))
+    shared.reported = True  # a later part of a group split by memory reuses what this part obtained
 
 
-def _teacher_of(teacher: Any, index: int) -> Any:
-    """The teacher as the ``index``-th member's job reports it: the first as the group obtained it
-    (a teacher trained now is a cache ``miss``, with its training time), every later one as a basic
-    job after it would (a ``hit``) without the time of loading it, which the group's jobs share."""
-    if teacher is None or index == 0:
+def _teacher_as_reported(teacher: Any, first: bool) -> Any:
+    """The group's teacher as a member's job reports it. The first job reports it as the group
+    obtained it (a teacher trained now is a cache ``miss``), with the time spent on it; the others
+    as a basic job after it would (a ``hit``), with no time: they share what the group obtained."""
+    if teacher is None or first:
         return teacher
     return dataclasses.replace(teacher, cache="hit" if teacher.cache == "miss" else teacher.cache, seconds=0.0)
 
