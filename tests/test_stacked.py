@@ -241,6 +241,20 @@ def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(
     stacked.release(tmp_path)
 
 
+def test_only_the_first_job_of_a_group_reports_the_teacher_it_trained(tmp_path) -> None:
+    from distillab.stacked.group import _teacher_as_reported
+    from distillab.teacher.cache import Teacher
+
+    trained = Teacher(torch.nn.Identity(), "a", "miss", tmp_path, seconds=2.0)
+    loaded = Teacher(torch.nn.Identity(), "b", "hit", tmp_path, seconds=0.5)
+    ensemble = Teacher(torch.nn.Identity(), "e", "miss", tmp_path, seconds=2.5, members=[trained, loaded])
+    assert _teacher_as_reported(ensemble, True) is ensemble
+    later = _teacher_as_reported(ensemble, False)
+    assert (later.cache, later.seconds) == ("hit", 0.0) and later.model is ensemble.model
+    assert [(m.cache, m.seconds) for m in later.members] == [("hit", 0.0), ("hit", 0.0)]
+    assert (ensemble.cache, trained.cache) == ("miss", "miss")  # the first job's record is left as it is
+
+
 def test_host_memory_does_not_cap_a_group_on_a_cpu() -> None:
     assert model_module.members_that_fit(_students("mlp")[0], torch.zeros(4, 1, 8, 8), torch.device("cpu")) is None
 

@@ -155,10 +155,13 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
 def _teacher_as_reported(teacher: Any, first: bool) -> Any:
     """The group's teacher as a member's job reports it. The first job reports it as the group
     obtained it (a teacher trained now is a cache ``miss``), with the time spent on it; the others
-    as a basic job after it would (a ``hit``), with no time: they share what the group obtained."""
+    as a basic job after it would (a ``hit``), with no time: they share what the group obtained
+    (an ensemble's members likewise)."""
     if teacher is None or first:
         return teacher
-    return dataclasses.replace(teacher, cache="hit" if teacher.cache == "miss" else teacher.cache, seconds=0.0)
+    members = [_teacher_as_reported(member, False) for member in teacher.members]
+    cache = "hit" if teacher.cache == "miss" else teacher.cache
+    return dataclasses.replace(teacher, cache=cache, seconds=0.0, members=members)
 
 
 def _prepare(job: Any, as_job: Callable, data: Any) -> Prepared | None:
