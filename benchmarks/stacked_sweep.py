@@ -92,9 +92,9 @@ def throughput() -> tuple[float, float]:
         fit.Member(student, KD(lam, temperature, False), functools.partial(torch.optim.Adam, lr=1e-3), seed)
         for student, (lam, temperature, seed) in zip(students(), settings)
     ]
-    fit.fit(members, data, None, table, None, 1, torch.device("cpu"))  # warm-up
+    fit.GroupFit(members, data, None, table, None, 1, torch.device("cpu")).run()  # warm-up
     start = time.perf_counter()
-    fit.fit(members, data, None, table, None, 3, torch.device("cpu"))
+    fit.GroupFit(members, data, None, table, None, 3, torch.device("cpu")).run()
     stacked_seconds = time.perf_counter() - start
     steps = 3 * len(data.train_dataloader())
 

@@ -105,7 +105,7 @@ def test_the_group_fit_keeps_the_teacher_frozen_and_each_members_best_epoch(one_
         fit.Member(student, KD(0.5, TEMPERATURES[m], False), functools.partial(torch.optim.Adam, lr=1e-2), SEEDS[m])
         for m, student in enumerate(_students("cnn"))
     ]
-    trained, seconds = fit.fit(members, data, teacher, None, None, 3, torch.device("cpu"))  # a live teacher
+    trained, seconds = fit.GroupFit(members, data, teacher, None, None, 3, torch.device("cpu")).run()  # a live teacher
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     for name, value in teacher.state_dict().items():  # BatchNorm statistics included
         assert torch.equal(value, before[name]), name
@@ -126,7 +126,7 @@ def test_a_member_whose_loss_diverges_fails_alone(one_thread) -> None:
         fit.Member(student, CrossEntropy(), functools.partial(torch.optim.SGD, lr=lr), seed)
         for student, lr, seed in zip(_students("mlp"), (0.01, 1e30, 0.01), SEEDS)
     ]
-    trained, _ = fit.fit(members, data, None, None, None, 2, torch.device("cpu"))
+    trained, _ = fit.GroupFit(members, data, None, None, None, 2, torch.device("cpu")).run()
     assert trained[0].error is None and trained[2].error is None
     assert trained[1].error.startswith("training loss became") and "optim.optimizer.lr" in trained[1].error
 
@@ -288,7 +288,7 @@ def test_each_member_augments_its_own_batches(one_thread) -> None:
         fit.Member(student, CrossEntropy(), functools.partial(torch.optim.Adam, lr=1e-3), seed)
         for student, seed in zip(_students("mlp")[:2], SEEDS)
     ]
-    trained, _ = fit.fit(members, data, None, None, None, 1, torch.device("cpu"))
+    trained, _ = fit.GroupFit(members, data, None, None, None, 1, torch.device("cpu")).run()
     steps = -(-len(data.splits["train"][1]) // 64)
     assert len(data.seen) == 2 * steps  # one call per member and step, on that member's batch
     assert data.seen[0].shape == (64, 1, 8, 8) and not torch.equal(data.seen[0], data.seen[1])
@@ -341,7 +341,7 @@ def test_a_group_that_fails_to_train_together_runs_one_after_another(tmp_path, m
     def unsupported(*args, **kwargs):
         raise RuntimeError("vmap: an operator without a batching rule\nmore detail")
 
-    monkeypatch.setattr(fit, "fit", unsupported)
+    monkeypatch.setattr(fit.GroupFit, "run", unsupported)
     jobs = _jobs(tmp_path)
     with caplog.at_level("WARNING"):
         assert group.train(jobs, launch.as_job) == []

@@ -57,31 +57,12 @@ def as_float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def fit(
-    members: Sequence[Member],
-    data: Any,
-    teacher: torch.nn.Module | None,
-    table: Tensor | None,
-    scheduler: Any,
-    max_epochs: int,
-    device: torch.device,
-) -> tuple[list[Trained], float]:
-    """Train ``members`` together on ``data`` (an ``InMemoryDataModule``) against ``teacher`` (its
-    outputs from ``table`` when given; neither when the method reads no teacher); return each
-    member's outcome and the seconds of the fit."""
-    tick = time.perf_counter()
-    group = _GroupFit(members, data, teacher, table, scheduler, max_epochs, device)
-    for epoch in range(max_epochs):
-        train = group.train_epoch(epoch)
-        group.model.train(False)
-        group.record(epoch, train, _validate(group.model, group.val))
-        group.optimizer.schedule_step()
-    return group.outcomes, time.perf_counter() - tick
-
-
-class _GroupFit:
-    """The state of a group's fit: the stacked students, their loss and optimizer, each member's
-    batch order, and each member's outcome so far."""
+class GroupFit:
+    """A group's fit: the stacked students, their loss and optimizer, each member's batch order,
+    and each member's outcome so far. ``GroupFit(members, data, teacher, table, scheduler,
+    max_epochs, device).run()`` trains ``members`` together on ``data`` (an ``InMemoryDataModule``)
+    against ``teacher`` (its outputs from ``table`` when given; neither when the method reads no
+    teacher) and returns each member's outcome and the seconds of the fit, setting up included."""
 
     def __init__(
         self,
@@ -93,6 +74,7 @@ class _GroupFit:
         max_epochs: int,
         device: torch.device,
     ) -> None:
+        self.tick, self.max_epochs = time.perf_counter(), max_epochs
         self.model = StackedModel([m.student for m in members], device)
         self.loss = StackedLoss([m.method for m in members], device)
         self.params = list(self.model.params.values())
@@ -113,6 +95,14 @@ class _GroupFit:
         self.outcomes = [Trained(self.model.state_dict(m), 0, 0, []) for m in range(self.size)]
         self.failed: list[str | None] = [None] * self.size
         self.step = 0
+
+    def run(self) -> tuple[list[Trained], float]:
+        for epoch in range(self.max_epochs):
+            train = self.train_epoch(epoch)
+            self.model.train(False)
+            self.record(epoch, train, _validate(self.model, self.val))
+            self.optimizer.schedule_step()
+        return self.outcomes, time.perf_counter() - self.tick
 
     def train_epoch(self, epoch: int) -> dict[str, Tensor]:
         """One epoch of every member on its own batches; each member's epoch means (name → [M])."""

@@ -132,9 +132,9 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
         for m in members
     ]
     given = shared.given
-    trained, seconds = fit.fit(
+    trained, seconds = fit.GroupFit(
         stack, members[0].parts.data, shared.live, given.table, shared.scheduler, shared.epochs, shared.device
-    )
+    ).run()
     log.info("stacked: group %s trained in %.1f s (%.2f s per job)", group_id, seconds, seconds / len(members))
     for index, (member, outcome) in enumerate(zip(members, trained)):
         first = index == 0 and not shared.reported
