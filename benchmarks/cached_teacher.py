@@ -65,8 +65,8 @@ from distillab import training  # noqa: E402
 from distillab.data import adapter  # noqa: E402
 from distillab.distill.methods.none import CrossEntropy  # noqa: E402
 from distillab.distill.module import DistillationModule  # noqa: E402
-from distillab.teacher import outputs as teacher_outputs  # noqa: E402
-from distillab.teacher.training import scheduler_factory  # noqa: E402
+from distillab.steps.teacher import outputs as teacher_outputs  # noqa: E402
+from distillab.steps.teacher.training import scheduler_factory  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "my_datamodule"
 

@@ -48,7 +48,7 @@ for _path in (ROOT / "src", ROOT):
 
 from tests.conftest import compose_cfg  # noqa: E402
 
-from distillab import build, compress, conf, export, measure, pipeline  # noqa: E402
+from distillab import build, compress, conf, formats, measure, pipeline  # noqa: E402
 from distillab.data import adapter  # noqa: E402
 
 COMMON = ["trainer.enable_progress_bar=false", "logger=none", "trainer.accelerator=cpu"]
@@ -97,7 +97,7 @@ def variants(cfg: Any) -> dict[str, torch.nn.Module]:
 
     found = {
         "eager float": model,
-        "onnxruntime float": OrtModel(export.to_onnx(model, shape, opset=20, exporter="dynamo")),
+        "onnxruntime float": OrtModel(formats.to_onnx(model, shape, opset=20, exporter="dynamo")),
     }
     for option in INT8:
         node = conf.load("compress", option)

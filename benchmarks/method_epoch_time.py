@@ -5,7 +5,7 @@ digits pair (teacher ``cnn``, student ``cnn`` width 8), and the parameters each 
     PYTHONPATH=src:. python3 benchmarks/method_epoch_time.py --methods kd,crd,reviewkd
 
 Each method is built by the real run (``pipeline.prepare`` on the composed config: the method's
-YAML, its layers bound, its adapters built) and trained by the real fit (``distill.fit``: the
+YAML, its layers bound, its adapters built) and trained by the real fit (``steps.fit``: the
 teacher's logits from the cached table when the run would use it, the live teacher otherwise;
 co-training methods train their peers). The teacher is untrained: the time of an epoch does not
 depend on its weights. The methods alternate within each round, so a busy machine slows them
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
 from distillab import conf, pipeline, training  # noqa: E402
-from distillab.distill import fit  # noqa: E402
 from distillab.distill.methods.base import cotrains  # noqa: E402
-from distillab.teacher import cache  # noqa: E402
+from distillab.steps import fit  # noqa: E402
+from distillab.steps.teacher import cache  # noqa: E402
 
 PAIR = ["student=cnn", "student.width=8", "teacher=cnn"]
 

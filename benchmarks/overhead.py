@@ -63,7 +63,7 @@ from distillab.data import adapter  # noqa: E402
 from distillab.distill.methods.base import needs_teacher  # noqa: E402
 from distillab.distill.methods.kd import kd_loss  # noqa: E402
 from distillab.distill.module import DistillationModule, without_env  # noqa: E402
-from distillab.teacher.training import scheduler_factory  # noqa: E402
+from distillab.steps.teacher.training import scheduler_factory  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")

@@ -98,14 +98,14 @@ def run_train(
 
 def teacher_key(cfg: DictConfig) -> str:
     """The teacher-cache key of a composed run config."""
-    from distillab.teacher import cache
+    from distillab.steps.teacher import cache
 
     return cache.cache_key(cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision))
 
 
 def teacher_folder(cfg: DictConfig) -> Path:
     """The teacher-cache folder of a composed run config."""
-    from distillab.teacher import cache
+    from distillab.steps.teacher import cache
 
     return cache.cache_folder(cfg.paths.cache_dir, cache.identity(cfg.data, cfg.teacher, cfg.trainer.precision))
 

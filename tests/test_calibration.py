@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distillab import pipeline, results
 from distillab.evaluate import calibration, largest_drop, per_class_accuracy
+from distillab.steps import assembly
 from tests.conftest import as_numpy, randn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,8 +108,8 @@ def test_a_compressed_model_that_keeps_mean_accuracy_but_loses_a_class_shows_it(
 
     blocks = {}
     for name, model in (("teacher", teacher), ("student", student), ("compressed", compressed)):
-        blocks[name], _ = results.evaluation(model, loader, classes)
-    blocks["compressed"] = results.with_drops(
+        blocks[name], _ = assembly.evaluation(model, loader, classes)
+    blocks["compressed"] = assembly.with_drops(
         blocks["compressed"], teacher=blocks["teacher"], uncompressed=blocks["student"]
     )
 
@@ -137,7 +138,7 @@ def test_a_model_block_runs_the_model_over_the_test_split_once():
     test = CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
     val = CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
     model = nn.Linear(8, 3)
-    block = results.model_block(
+    block = assembly.model_block(
         model, test, val, 3, (8,), torch.zeros(48, dtype=torch.long), {"warmup": 0, "repeats": 1}
     )
     assert (test.passes, val.passes) == (1, 1)

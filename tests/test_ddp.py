@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distillab import conf, results
-from distillab.teacher import cache as teachers
+from distillab.steps.teacher import cache as teachers
 from tests.conftest import FAST, ROOT, compose_cfg, run_train
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]

@@ -13,7 +13,7 @@ from torch import nn
 from distillab import pipeline
 from distillab.config import ConfigError
 from distillab.distill.methods.kd import soft_kl
-from distillab.teacher import ensemble
+from distillab.steps.teacher import ensemble
 from tests.conftest import CONF
 
 LOGITS = torch.tensor(

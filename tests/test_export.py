@@ -1,4 +1,4 @@
-"""Export to ONNX and TorchScript (``distillab.export``, ``export=...``): the settings and their
+"""Export to ONNX and TorchScript (``distillab.steps.export``, ``export=...``): the settings and their
 one-line errors, the files checked against PyTorch by an independent ONNX Runtime session, what
 each exporter can hold, and two runs through the pipeline."""
 
@@ -16,11 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from distillab import conf, export, pipeline, results, settings
+from distillab import conf, formats, pipeline, results, settings
 from distillab.compress import PIPELINE_KEYS, SHARED, Context, quantize
 from distillab.config import ConfigError
-from distillab.export import ExportSettings
 from distillab.models import CNN, MLP
+from distillab.steps import export
+from distillab.steps.export import ExportSettings
 
 SHAPE = (1, 8, 8)
 QUICK = ["measure.warmup=1", "measure.repeats=3"]
@@ -55,7 +56,7 @@ def _session_logits(path, x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("option", ["none", "onnx", "torchscript"])
 def test_every_option_holds_every_setting_and_the_code_none(option):
     values = OmegaConf.to_container(conf.load("export", option))
-    settings.check("export", values, "distillab.export.ExportSettings")
+    settings.check("export", values, "distillab.steps.export.ExportSettings")
     assert set(values) == {f.name for f in dataclasses.fields(ExportSettings)}
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ExportSettings))
     export.check(values)
@@ -169,7 +170,7 @@ def test_what_each_exporter_can_hold_of_a_torch_ao_int8_model(digits, tmp_path):
     # TorchScript holds it as it is
     entry = export.export_model(int8, "compressed", _settings("torchscript"), test_batches, SHAPE, HOW, tmp_path)
     assert entry["agreement"] == 1.0 and entry["max_abs_diff"] == 0.0
-    with export.quiet(), torch.no_grad():
+    with formats.quiet(), torch.no_grad():
         loaded = torch.jit.load(str(tmp_path / "compressed.pt"))
         assert torch.equal(loaded(x[:5]), int8(x[:5]))
 
@@ -219,7 +220,7 @@ def test_export_torchscript_of_a_quantized_student(make_cfg, cache, tmp_path):
     for role in ("student", "compressed"):
         entry = block[role]
         assert entry["file"] == f"export/{role}.pt" and entry["agreement"] >= 0.99
-        with export.quiet(), torch.no_grad():
+        with formats.quiet(), torch.no_grad():
             model = torch.jit.load(str(tmp_path / "run" / "export" / f"{role}.pt"))
             assert model(torch.randn(3, *SHAPE)).shape == (3, 10)
     # int8 weights take a quarter of the float bytes; TorchScript's code, larger for int8, takes the rest

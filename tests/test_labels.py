@@ -11,10 +11,10 @@ import torch
 from distillab import conf, pipeline
 from distillab.config import ConfigError
 from distillab.data import DigitsDataModule
-from distillab.distill.labels import UNLABELLED, labelled_cross_entropy, labelled_nll, labelled_subset
 from distillab.distill.methods.kd import kd_terms, soft_kl
 from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.module import ClassifierModule, _EpochTotals
+from distillab.labels import UNLABELLED, labelled_cross_entropy, labelled_nll, labelled_subset
 from tests.conftest import teacher_key
 
 U = UNLABELLED

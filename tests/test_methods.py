@@ -22,7 +22,6 @@ from torch import nn
 from distillab import conf, settings
 from distillab.distill import hooks
 from distillab.distill.hooks import FeatureTaps
-from distillab.distill.labels import UNLABELLED
 from distillab.distill.methods.at import AttentionTransfer, at_loss
 from distillab.distill.methods.base import is_feature_method
 from distillab.distill.methods.crd import CRD
@@ -40,6 +39,7 @@ from distillab.distill.methods.reviewkd import ReviewKD
 from distillab.distill.methods.rkd import RelationalKD, rkd_angle_loss, rkd_distance_loss
 from distillab.distill.methods.sp import SimilarityPreserving, sp_loss
 from distillab.distill.methods.vid import VID
+from distillab.labels import UNLABELLED
 from distillab.models import CNN, MLP, resnet8, torchvision_model, vgg8, wrn_16_1
 from distillab.settings import ConfigError
 from tests.conftest import as_numpy as _np

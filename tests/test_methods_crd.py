@@ -306,7 +306,7 @@ def test_a_missing_train_size_fails_in_one_line():
 
 
 def test_cached_teacher_outputs_never_stand_in_for_the_live_teacher():
-    from distillab.teacher import outputs
+    from distillab.steps.teacher import outputs
 
     data = conf.build("data", "digits")
     data.setup("fit")

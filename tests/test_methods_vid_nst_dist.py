@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from distillab import conf, settings
 from distillab.distill.hooks import FeatureTaps
-from distillab.distill.labels import UNLABELLED, labelled_cross_entropy
 from distillab.distill.methods import base
 from distillab.distill.methods.base import is_feature_method
 from distillab.distill.methods.dist import DIST, dist_parts
@@ -27,6 +26,7 @@ from distillab.distill.methods.dkd import DecoupledKD, dkd_parts
 from distillab.distill.methods.kd import KD, kd_loss, kd_terms, soft_kl, standardize_logits
 from distillab.distill.methods.nst import NST, nst_loss
 from distillab.distill.methods.vid import VID, VariationalRegressor, gaussian_nll, inverse_softplus
+from distillab.labels import UNLABELLED, labelled_cross_entropy
 from distillab.models import CNN, MLP
 from distillab.settings import ConfigError
 from tests.conftest import as_numpy as _np

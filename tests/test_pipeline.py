@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distillab import pipeline, results
-from distillab.teacher import cache
+from distillab.steps.teacher import cache
 from tests.conftest import teacher_folder, teacher_key
 
 
@@ -43,7 +43,7 @@ def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
 def test_second_run_hits_the_teacher_cache(make_cfg, tmp_path, caplog):
     first = pipeline.run(make_cfg(out=tmp_path / "a"))
     caplog.clear()
-    with caplog.at_level("INFO", logger="distillab.teacher.cache"):
+    with caplog.at_level("INFO", logger="distillab.steps.teacher.cache"):
         second = pipeline.run(make_cfg("distill=none", "seed=1", out=tmp_path / "b"))
     assert first["teacher"]["cache"] == "miss" and second["teacher"]["cache"] == "hit"
     assert second["teacher"]["cache_key"] == first["teacher"]["cache_key"]

@@ -33,8 +33,8 @@ from distillab.data import adapter
 from distillab.distill.methods.kd import KD
 from distillab.distill.module import DistillationModule
 from distillab.settings import ConfigError
-from distillab.teacher import outputs
-from distillab.teacher.cache import Teacher
+from distillab.steps.teacher import outputs
+from distillab.steps.teacher.cache import Teacher
 from tests.conftest import ROOT, quiet_trainer
 
 EXAMPLE = ROOT / "examples" / "my_datamodule"
@@ -319,7 +319,7 @@ def test_the_cached_table_equals_the_live_teachers_logits(tmp_path, caplog):
     data = Plain("apart")
     ready(data)
     teacher = Teach().eval()
-    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.teacher.outputs"):
         taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "cached" and taught.source == "miss" and taught.table.shape == (120, 3)
     assert "teacher outputs: cached: the training inputs are deterministic (Plain's training set is map-style" in (
@@ -356,7 +356,7 @@ def test_where_a_table_cannot_stand_in_the_teacher_runs_live_and_the_log_says_wh
     teacher = Teach()
     calls: list[int] = []
     teacher.register_forward_hook(lambda *args: calls.append(1))
-    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.teacher.outputs"):
         taught = outputs.for_run(AUTO, "cpu", Teacher(teacher, "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "live" and taught.table is None and not calls
     assert f"teacher outputs: live: {reason}" in caplog.text
@@ -378,7 +378,7 @@ def test_inputs_that_change_between_passes_are_never_stored(tmp_path, caplog):
     data = Plain("apart")
     ready(data)
     data.train_set = EveryOtherPass(data.x, data.y)  # the probe reads 8 samples, then two passes of 120 follow
-    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.teacher.outputs"):
         taught = outputs.for_run(AUTO, "cpu", Teacher(Teach(), "key", "miss", tmp_path), data, KD(0.5, 4.0, False))
     assert taught.mode == "live" and "teacher outputs: live: two passes over the training set gave different" in (
         caplog.text

@@ -17,8 +17,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distillab import cli, pipeline, report, results, resume
+from distillab import cli, pipeline, report, results
 from distillab.config import ConfigError
+from distillab.steps import resume
 from tests.conftest import ROOT, compose_cfg, run_train
 
 # tiny digits jobs: the teacher trains for one epoch, once, into a cache shared by this module
@@ -119,7 +120,7 @@ def test_an_unfinished_job_starts_from_a_clean_folder(make_cfg, tmp_path: Path, 
     folder = Path(cfg.paths.output_dir)
     leave_a_killed_attempt(folder)
     results.write(folder, {"status": "failed", "error": "RuntimeError: boom"})
-    with caplog.at_level(logging.INFO, logger="distillab.resume"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.resume"):
         assert _start(cfg, folder, True) is None
     assert sorted(p.name for p in folder.iterdir()) == [".hydra", "train.log"]
     assert (folder / "train.log").read_text() == "the killed attempt's log\n"
@@ -140,7 +141,7 @@ def test_a_complete_job_is_skipped_in_a_sweep_only_and_unless_forced(make_cfg, t
     folder = Path(cfg.paths.output_dir)
     results.write(folder, ok_record(cfg))
     (folder / "checkpoints").mkdir()
-    with caplog.at_level(logging.INFO, logger="distillab.resume"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.resume"):
         assert _start(cfg, folder, True) == ok_record(cfg)
     assert f"skip: {folder} already complete (config {results.config_hash(cfg)})" in caplog.text
     assert (folder / "checkpoints").is_dir() and (folder / "results.json").is_file()  # a skip touches nothing
@@ -158,7 +159,7 @@ def test_a_folder_reused_for_another_config_is_run_again_and_says_why(make_cfg, 
     new = make_cfg("distill.lam=0.1")
     folder = Path(new.paths.output_dir)
     results.write(folder, ok_record(old))
-    with caplog.at_level(logging.INFO, logger="distillab.resume"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.resume"):
         assert _start(new, folder, True) is None
     assert "another configuration" in caplog.text and results.config_hash(old) in caplog.text
     assert not (folder / "results.json").exists()
@@ -186,7 +187,7 @@ def test_pipeline_run_skips_a_finished_sweep_job_and_reruns_over_a_killed_one(
     assert "killed attempt" not in (out / "csv" / "student" / "metrics.csv").read_text()
     assert not (out / "compressed").exists()  # compress=none: the killed attempt's model is gone
     before = (out / "results.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="distillab.resume"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.resume"):
         again = pipeline.run(compose_cfg([*TINY, "hydra.mode=MULTIRUN"], out, cache))
     assert again == first and (out / "results.json").stat().st_mtime_ns == before
     assert f"skip: {out} already complete" in caplog.text

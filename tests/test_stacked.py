@@ -228,7 +228,7 @@ def test_a_job_without_a_handoff_gets_no_stack_fields(tmp_path) -> None:
 
 
 def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(tmp_path) -> None:
-    from distillab.teacher.cache import Teacher
+    from distillab.steps.teacher.cache import Teacher
 
     teacher = Teacher(torch.nn.Identity(), "k", "miss", tmp_path, seconds=2.0)
     record = {"timing_s": {"teacher": 2.5, "student": 1.0, "compress": 0.0, "total": 0.25}}
@@ -243,7 +243,7 @@ def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(
 
 def test_only_the_first_job_of_a_group_reports_the_teacher_it_trained(tmp_path) -> None:
     from distillab.stacked.group import _teacher_as_reported
-    from distillab.teacher.cache import Teacher
+    from distillab.steps.teacher.cache import Teacher
 
     trained = Teacher(torch.nn.Identity(), "a", "miss", tmp_path, seconds=2.0)
     loaded = Teacher(torch.nn.Identity(), "b", "hit", tmp_path, seconds=0.5)

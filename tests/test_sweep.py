@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distillab import results
-from distillab.teacher import cache as teacher_cache
+from distillab.steps.teacher import cache as teacher_cache
 from tests.conftest import FAST, compose_cfg, run_train
 
 

@@ -20,8 +20,8 @@ from distillab.data import SyntheticDataModule, adapter
 from distillab.data.base import TensorBatches
 from distillab.distill.methods.kd import KD
 from distillab.distill.module import DistillationModule
-from distillab.teacher import outputs as teacher_outputs
-from distillab.teacher.cache import Teacher
+from distillab.steps.teacher import outputs as teacher_outputs
+from distillab.steps.teacher.cache import Teacher
 from tests.conftest import FAST, compose_cfg
 
 AUTO = teacher_outputs.OutputSettings(cache="auto", dtype="float32", top_k=None)
@@ -120,7 +120,7 @@ def test_fit_equals_live_teacher_and_table_is_computed_once(tmp_path, monkeypatc
         cfg = compose_cfg([*common, f"teacher_outputs.cache={mode}"], tmp_path / name, cache)
         return pipeline.run(cfg)
 
-    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.teacher.outputs"):
         live = run("live", "live")
         assert computed == [] and "teacher outputs: live: teacher_outputs.cache=live" in caplog.text
         first = run("first", "auto")
@@ -272,7 +272,7 @@ def test_augmented_inputs_take_the_live_teacher_and_cached_fails_in_one_line(tmp
     mode, reason = teacher_outputs.decide(AUTO, data, KDLoss())
     assert mode == "live" and "augmented" in reason
     teacher = Teacher(Echo(10), "k", "hit", tmp_path)
-    with caplog.at_level(logging.INFO, logger="distillab.teacher.outputs"):
+    with caplog.at_level(logging.INFO, logger="distillab.steps.teacher.outputs"):
         outputs = teacher_outputs.for_run(AUTO, "cpu", teacher, data, KDLoss())
     assert outputs.table is None and teacher.model.samples_seen == 0
     assert "teacher outputs: live: training batches are randomly augmented" in caplog.text

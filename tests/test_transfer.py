@@ -14,7 +14,7 @@ from distillab.config import ConfigError
 from distillab.distill import transfer
 from distillab.distill.transfer import NoMatchingTensors, block_indices, init_from_teacher, plan
 from distillab.models import CNN, MLP, WideResNet, resnet8, resnet20, resnet32, resnet56
-from distillab.teacher import cache
+from distillab.steps.teacher import cache
 from tests.conftest import teacher_folder
 
 SHAPE, CLASSES = (3, 8, 8), 10

@@ -13,10 +13,13 @@ compressors); the run's own composition is Hydra's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, ListConfig, OmegaConf
+
+from distillab import settings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -59,3 +62,37 @@ def register_resolvers() -> None:
     """Make ``${distillab.options:<group>,<sources>}`` available to the config (the help text)."""
     if not OmegaConf.has_resolver("distillab.options"):
         OmegaConf.register_new_resolver("distillab.options", option_list)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python; a value that is an interpolation (``${paths.data_dir}`` is only
+    known inside a Hydra job, and these checks run before one starts) is ``settings.UNRESOLVED``."""
+    if _is_interpolation(node):
+        return settings.UNRESOLVED
+    if isinstance(node, Mapping) and not isinstance(node, DictConfig):
+        return {key: plain(value) for key, value in node.items()}
+    if isinstance(node, DictConfig):
+        if node._is_none():
+            return None
+        return {key: plain(node._get_node(key)) for key in node.keys()}
+    if isinstance(node, ListConfig):
+        return None if node._is_none() else [plain(node._get_node(i)) for i in range(len(node))]
+    if isinstance(node, Container):
+        return OmegaConf.to_container(node, resolve=False)
+    if hasattr(node, "_value"):  # a ValueNode
+        return node._value()
+    return node
+
+
+def resolved(node: Any) -> Any:
+    """A config node (or a dict of nodes) as plain Python with every interpolation resolved: the
+    values a part is built with inside the job."""
+    if isinstance(node, Container):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, Mapping):
+        return {key: resolved(value) for key, value in node.items()}
+    return node
+
+
+def _is_interpolation(node: Any) -> bool:
+    return hasattr(node, "_is_interpolation") and node._is_interpolation()

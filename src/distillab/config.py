@@ -9,29 +9,31 @@ torch nor Lightning, and a bad value is reported within a second or two of the c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import Container, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from distillab import export, settings
+from distillab import settings
+from distillab.conf import plain
 from distillab.settings import ConfigError
+from distillab.steps import export
 
-__all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "plain", "resolved", "validate"]
+__all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "validate"]
 
 #: the run's own nodes, and the settings dataclass that declares each
 RUN = "distillab.pipeline.RunSettings"
 NODES = {
     "trainer": "distillab.training.TrainerSettings",
     "measure": "distillab.measure.MeasureSettings",
-    "teacher_outputs": "distillab.teacher.outputs.OutputSettings",
-    "ensemble": "distillab.teacher.ensemble.EnsembleSettings",
-    "export": "distillab.export.ExportSettings",
+    "teacher_outputs": "distillab.steps.teacher.outputs.OutputSettings",
+    "ensemble": "distillab.steps.teacher.ensemble.EnsembleSettings",
+    "export": "distillab.steps.export.ExportSettings",
 }
 #: keys of the teacher and student nodes that belong to the role, beside the architecture's,
 #: with the settings dataclass of each role
 ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
-ROLES = {"teacher": "distillab.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
+ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
 COMPRESS = "distillab.compress.CompressSettings"
 COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
 #: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
@@ -137,37 +139,3 @@ def _declared(key: str, target: str) -> settings.Declaration:
     except Exception as error:  # noqa: BLE001 - a module that fails to import is the same mistake, in one line
         message = " ".join(str(error).split())
         raise ConfigError(f"{key}._target_={target!r} cannot be imported: {type(error).__name__}: {message}") from None
-
-
-def plain(node: Any) -> Any:
-    """A config node as plain Python; a value that is an interpolation (``${paths.data_dir}`` is only
-    known inside a Hydra job, and these checks run before one starts) is ``settings.UNRESOLVED``."""
-    if _is_interpolation(node):
-        return settings.UNRESOLVED
-    if isinstance(node, Mapping) and not isinstance(node, DictConfig):
-        return {key: plain(value) for key, value in node.items()}
-    if isinstance(node, DictConfig):
-        if node._is_none():
-            return None
-        return {key: plain(node._get_node(key)) for key in node.keys()}
-    if isinstance(node, ListConfig):
-        return None if node._is_none() else [plain(node._get_node(i)) for i in range(len(node))]
-    if isinstance(node, Container):
-        return OmegaConf.to_container(node, resolve=False)
-    if hasattr(node, "_value"):  # a ValueNode
-        return node._value()
-    return node
-
-
-def resolved(node: Any) -> Any:
-    """A config node (or a dict of nodes) as plain Python with every interpolation resolved: the
-    values a part is built with inside the job."""
-    if isinstance(node, Container):
-        return OmegaConf.to_container(node, resolve=True)
-    if isinstance(node, Mapping):
-        return {key: resolved(value) for key, value in node.items()}
-    return node
-
-
-def _is_interpolation(node: Any) -> bool:
-    return hasattr(node, "_is_interpolation") and node._is_interpolation()

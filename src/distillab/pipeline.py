@@ -21,18 +21,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillab import build, export, job, loggers, results, resume, slots, stacked, training
-from distillab.compress import stage
-from distillab.config import ConfigError, resolved, validate
+from distillab import build, job, loggers, results, slots, stacked, training
+from distillab.conf import resolved
+from distillab.config import ConfigError, validate
 from distillab.data import adapter
-from distillab.distill import cotraining, fit, transfer
+from distillab.distill import cotraining, transfer
 from distillab.distill.methods import base as method_contract
 from distillab.measure import MeasureSettings
 from distillab.settings import Count, Seed
 from distillab.settings import build as settings_of
-from distillab.teacher import assistant, cache, ensemble, outputs
-from distillab.teacher import training as teacher_training
-from distillab.teacher.ensemble import EnsembleSettings
+from distillab.steps import assembly, compression, export, fit, resume
+from distillab.steps.teacher import assistant, cache, ensemble, outputs
+from distillab.steps.teacher import training as teacher_training
+from distillab.steps.teacher.ensemble import EnsembleSettings
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def prepare(cfg: DictConfig, settings: RunSettings | None = None, data: Any = No
         transfer.check(student, source, (names["student"], names["teacher"]))
     if target is not None:
         model = student if target == "student" else teacher
-        stage.dry_run(cfg.compress, names["compress"], model, data, info.input_shape)
+        compression.dry_run(cfg.compress, names["compress"], model, data, info.input_shape)
     out = Path(cfg.paths.output_dir)
     return Parts(settings, data, info, student, teacher, nodes, method, names, out, peers, pair)
 
@@ -186,7 +187,7 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         tick = time.perf_counter()
         compressed = compress(cfg, parts, student if student is not None else teacher.model, fitting)
         timing["compress"] = time.perf_counter() - tick
-    header = results.header(
+    header = assembly.header(
         cfg,
         job.overrides(),
         parts.settings.seed,
@@ -196,7 +197,7 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         parts.names["compress"],
     )
     how = dataclasses.asdict(_settings(MeasureSettings, cfg.measure))
-    record = results.assemble(
+    record = assembly.assemble(
         header,
         teacher,
         student,
@@ -248,13 +249,13 @@ def obtain_teacher(cfg: DictConfig, parts: Parts, fitting: training.Fitting | No
     )
 
 
-def compress(cfg: DictConfig, parts: Parts, model: nn.Module, fitting: training.Fitting) -> stage.CompressedRun:
+def compress(cfg: DictConfig, parts: Parts, model: nn.Module, fitting: training.Fitting) -> compression.CompressedRun:
     """Step 6: compress ``model``, fine-tuning with the run's method, optimizer and trainer."""
     role = str(cfg.compress.target)
-    finetuning = stage.Finetuning(
+    finetuning = compression.Finetuning(
         lambda: method_contract.for_finetuning(build.part("distill", cfg.distill)), cfg.optim, fitting
     )
-    return stage.run(
+    return compression.run(
         cfg.compress,
         parts.names["compress"],
         role,

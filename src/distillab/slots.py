@@ -39,7 +39,7 @@ from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distillab.config import ConfigError
+from distillab.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

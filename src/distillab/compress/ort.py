@@ -1,7 +1,7 @@
 """Int8 through ONNX Runtime: ``ort_int8_dynamic`` and ``ort_int8_static``.
 
 The float model is exported to ONNX (``torch.onnx.export`` with ``dynamo=True``, a dynamic batch
-dimension; see ``distillab.export``), pre-processed by ``onnxruntime.quantization.quant_pre_process``
+dimension; see ``distillab.steps.export``), pre-processed by ``onnxruntime.quantization.quant_pre_process``
 (shape inference and ONNX Runtime's graph optimisations, which fold BatchNorm into the convolutions)
 and quantized by ``onnxruntime.quantization``:
 
@@ -57,9 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from distillab.compress import Compressed, Context, mixed, val_accuracy
-from distillab.export import Opset, require_extra, to_onnx
 from distillab.io import atomic_write_bytes
 from distillab.settings import AccuracyDrop, ConfigError, Count, checked
+from distillab.steps.export import Opset, require_extra, to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _prepare(model: nn.Module, context: Context, opset: int, ops: Sequence[str],
     try:
         exported = to_onnx(model, context.input_shape, opset=opset, exporter="dynamo")
     except Exception as error:  # noqa: BLE001 - any exporter failure is the same mistake, in one line
-        from distillab.export import one_line
+        from distillab.steps.export import one_line
 
         raise ConfigError(f"{method} cannot export {type(model).__name__} to ONNX: {one_line(error)}") from None
     path = folder / "float.onnx"

@@ -40,7 +40,7 @@ from distillab.compress.budget import (
     prune_in_cycles,
     prune_within_budget,
 )
-from distillab.distill.labels import labelled_cross_entropy
+from distillab.labels import labelled_cross_entropy
 from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, checked
 
 PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)

@@ -24,7 +24,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from distillab.distill.labels import hide_labels, labelled_subset
+from distillab.labels import hide_labels, labelled_subset
 from distillab.settings import ConfigError, Count, Fraction, Range, Seed, checked
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from distillab.distill.methods.base import cotrains, peer_roles
 from distillab.distill.module import ClassifierModule, _unpack
 from distillab.settings import ConfigError
-from distillab.teacher import cache
+from distillab.steps.teacher import cache
 
 
 class CoTrainingModule(ClassifierModule):

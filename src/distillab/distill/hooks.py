@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from distillab.config import ConfigError
+from distillab.settings import ConfigError
 
 INPUT_SUFFIX = ":in"
 

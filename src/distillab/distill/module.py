@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from distillab.distill.hooks import FeatureTaps
-from distillab.distill.labels import UNLABELLED
 from distillab.distill.methods.base import is_feature_method, needs_index, needs_teacher, on_epoch_start
+from distillab.labels import UNLABELLED
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]  # (optimizer, max_epochs=...) -> LR scheduler

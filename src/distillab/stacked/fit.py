@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillab.distill.labels import UNLABELLED
+from distillab.labels import UNLABELLED
 from distillab.stacked.loss import StackedLoss
 from distillab.stacked.model import StackedModel
 from distillab.stacked.optim import StackedOptimizer

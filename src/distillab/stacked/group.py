@@ -22,15 +22,17 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from distillab import pipeline, results, resume, slots, stacked
-from distillab.config import resolved, validate
+from distillab import pipeline, results, slots, stacked
+from distillab.conf import resolved
+from distillab.config import validate
 from distillab.data.base import InMemoryDataModule
 from distillab.distill.methods.base import cotrains, is_feature_method, needs_index, needs_teacher
 from distillab.results import config_hash
 from distillab.settings import build as settings_of
 from distillab.stacked import fit, model, optim, plan
-from distillab.teacher import outputs
-from distillab.teacher.training import scheduler_factory
+from distillab.steps import resume
+from distillab.steps.teacher import outputs
+from distillab.steps.teacher.training import scheduler_factory
 
 log = logging.getLogger(__name__)
 

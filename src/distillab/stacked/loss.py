@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillab.distill.labels import UNLABELLED
 from distillab.distill.methods.base import on_epoch_start
 from distillab.distill.methods.kd import KD, standardize_logits
 from distillab.distill.methods.none import CrossEntropy
+from distillab.labels import UNLABELLED
 
 
 def labelled_ce(logits: Tensor, targets: Tensor) -> Tensor:

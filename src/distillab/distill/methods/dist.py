@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distillab.distill.labels import labelled_cross_entropy
+from distillab.labels import labelled_cross_entropy
 from distillab.settings import Temperature, Weight, checked
 
 #: added to the product of the norms of the centred vectors in the Pearson correlation

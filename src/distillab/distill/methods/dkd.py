@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillab.distill.labels import UNLABELLED, labelled_cross_entropy
 from distillab.distill.methods.kd import standardize_logits
+from distillab.labels import UNLABELLED, labelled_cross_entropy
 from distillab.settings import Range, Temperature, Weight, checked
 
 #: the length of the warm-up of the DKD terms

@@ -20,8 +20,8 @@ from typing import Annotated, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillab.distill.labels import labelled_cross_entropy
 from distillab.distill.methods.kd import KD
+from distillab.labels import labelled_cross_entropy
 from distillab.settings import Range, Temperature, Weight, checked
 
 #: the size of the cohort

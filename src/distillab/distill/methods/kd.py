@@ -20,7 +20,7 @@ from typing import Annotated
 import torch
 from torch import Tensor, nn
 
-from distillab.distill.labels import labelled_nll
+from distillab.labels import labelled_nll
 from distillab.settings import Range, Temperature, checked
 
 #: λ of the Hinton loss

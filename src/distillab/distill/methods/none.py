@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distillab.distill.labels import labelled_cross_entropy
+from distillab.labels import labelled_cross_entropy
 
 
 class CrossEntropy(nn.Module):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distillab.distill.labels import labelled_cross_entropy
 from distillab.distill.methods.kd import KD, Lam, kd_terms
+from distillab.labels import labelled_cross_entropy
 from distillab.settings import Temperature, checked
 
 

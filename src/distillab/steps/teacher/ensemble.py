@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab.settings import ConfigError, Weight
-from distillab.teacher import cache
+from distillab.steps.teacher import cache
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from distillab import build, loggers, training
 from distillab.data import adapter
-from distillab.distill import fit
 from distillab.distill.methods.base import cotrains, is_feature_method, needs_index, needs_teacher
 from distillab.settings import ConfigError
-from distillab.teacher import cache, ensemble
+from distillab.steps import fit
+from distillab.steps.teacher import cache, ensemble
 
 KEY = "teacher_assistant"
 

@@ -19,15 +19,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distillab import io, stacked, training
-from distillab.config import resolved
+from distillab.conf import resolved
 from distillab.data import adapter
 from distillab.distill import transfer
 from distillab.distill.cotraining import CoTrainingModule, as_teacher
 from distillab.distill.methods.base import cotrains, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
 from distillab.settings import build as settings_of
-from distillab.teacher import cache, outputs
-from distillab.teacher.training import scheduler_factory
+from distillab.steps.teacher import cache, outputs
+from distillab.steps.teacher.training import scheduler_factory
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.module import ClassifierModule
 from distillab.evaluate import classification_metrics, predict
 from distillab.settings import ConfigError, Count, Range, Seed
-from distillab.teacher import cache
+from distillab.steps.teacher import cache
 
 
 @dataclasses.dataclass(frozen=True)
