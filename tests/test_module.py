@@ -198,3 +198,12 @@ def test_module_attributes_still_register_parameters_and_submodules():
     module.scale = nn.Parameter(torch.ones(1))
     assert "head" in module._modules and "scale" in module._parameters
     assert {"head.weight", "scale"} <= set(module.state_dict())
+    # a name that held a plain value becomes a submodule or parameter when one is set to it
+    module.note, module.weight_like = "x", 1.0
+    module.note = nn.Linear(2, 2)
+    module.weight_like = nn.Parameter(torch.zeros(1))
+    assert "note" in module._modules and "weight_like" in module._parameters
+    assert not {"note", "weight_like"} & set(vars(module))
+    # and a plain value cannot replace a registered submodule, as nn.Module refuses it
+    with pytest.raises(TypeError):
+        module.head = "not a module"

@@ -92,6 +92,10 @@ def without_env(name: str) -> Iterator[None]:
             os.environ[name] = value
 
 
+#: the types of value ``ClassifierModule.__setattr__`` stores without nn.Module's tests
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
 class ClassifierModule(pl.LightningModule):
     """Trains ``model`` with ``loss(logits, teacher_logits, targets) -> {"loss": ..., term: ...}``.
 
@@ -116,10 +120,12 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_lr: float | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name around every hook it calls, dozens of times a step;
-        # nn.Module.__setattr__ would check each time whether a string is a parameter,
-        # submodule or buffer, which it never is
-        if name == "_current_fx_name":
+        # Lightning sets a plain attribute (the running hook's name) around every hook it calls,
+        # some 35 times a step, and nn.Module.__setattr__ tests each value against parameters,
+        # submodules and buffers (about 4 us a call). A plain value for a name already held in
+        # __dict__ can be none of those (registering one removes its name from __dict__), so it is
+        # stored as nn.Module would store it, without the tests.
+        if type(value) in _PLAIN and name in self.__dict__:
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
