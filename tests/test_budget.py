@@ -17,6 +17,8 @@ from torch import nn
 from distillab import measure, pipeline
 from distillab.compress import Context, budget, plots
 from distillab.compress import prune as P
+from distillab.compress.prune_structured import channel_removal
+from distillab.compress.prune_unstructured import weight_zeroing
 from distillab.config import ConfigError
 from distillab.models import CNN, MLP
 from tests.test_prune import configured, one_line_error
@@ -134,7 +136,7 @@ def test_the_scan_has_a_row_per_layer_and_amount_with_what_it_removes(digits, tr
 
 
 def test_pruning_one_layer_alone_changes_only_that_layer(trained_mlp):
-    zeroing = P.weight_zeroing(trained_mlp, DIGITS, GRID)
+    zeroing = weight_zeroing(trained_mlp, DIGITS, GRID)
     assert list(zeroing.grids) == ["features.1", "features.3", "classifier"]
     pruned = zeroing.prune(trained_mlp, {"features.3": 0.5})
     before, after = trained_mlp.state_dict(), pruned.state_dict()
@@ -157,7 +159,7 @@ def test_the_macs_of_zeroed_weights_count_convolutions_transposed_grouped_and_de
         nn.Flatten(),
         nn.Linear(3 * 16 * 16, 10),
     )
-    zeroing = P.weight_zeroing(model, DIGITS, GRID)
+    zeroing = weight_zeroing(model, DIGITS, GRID)
     by_hand = (36 + 108 + 72) * 64 + 3 * 16 * 16 * 10
     assert zeroing.cost(model)["macs"] == by_hand == measure.macs(model, DIGITS)
     half = zeroing.prune(model, {"2": 0.5})
@@ -168,7 +170,7 @@ def test_removing_one_group_of_channels_changes_only_its_layers():
     torch.manual_seed(0)
     model = CNN(DIGITS, 10, width=8, blocks=2, dropout=0.0).eval()
     context = Context(DIGITS, batches_of(torch.randn(32, *DIGITS), torch.randint(0, 10, (32,))))
-    removal = P.channel_removal(
+    removal = channel_removal(
         model, context, importance="l1", iterative_steps=1, round_to=None, scan_amounts=GRID, objective="params"
     )
     assert set(removal.grids) == {"stages.0.0.0", "stages.0.1.0", "stages.1.0.0", "stages.1.1.0"}
@@ -377,7 +379,7 @@ def test_unstructured_cycles_reach_the_amount_and_finetune_each_cycle(digits):
     seen = []
 
     def finetune(target, epochs, on_epoch_start=None):
-        layers = [m for m in target.modules() if isinstance(m, P.PRUNABLE)]
+        layers = [m for m in target.modules() if isinstance(m, budget.PRUNABLE)]
         weights = [m.weight for m in layers]
         seen.append((epochs, sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)))
         with torch.no_grad():  # a training step: what is masked stays zero

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from distillab import conf, pipeline
-from distillab.compress import PIPELINE_KEYS, Compressed, Context
+from distillab.compress import PIPELINE_KEYS, Compressed, Context, torch_ao
 from distillab.compress import quantize as Q
 from distillab.data import TensorBatches
 from distillab.models import CNN, MLP
@@ -189,13 +189,13 @@ def test_the_scan_ranks_the_fragile_layer_first(tight_static, fragile_cnn, digit
     assert [row["kept_float"] for row in rows] == [False, True, False]
     # a row is the accuracy of the model with that layer alone in int8
     others = ["stages.0.0.0", "classifier"]
-    alone = Q.BACKEND.prepare(
+    alone = torch_ao.prepare(
         _copy(fragile_cnn), torch.zeros(2, *SHAPE), "x86", True, qat=False, method="test", keep_float=others
     )[0]
     with torch.no_grad():
         for x, *_ in list(TensorBatches(*digits["train"], 64, shuffle=False))[:4]:
             alone(x)
-    alone = Q.BACKEND.convert(alone, "x86")
+    alone = torch_ao.convert(alone, "x86")
     assert by_layer["stages.0.1.0"]["val_acc_int8_alone"] == pytest.approx(_accuracy(alone, digits), abs=1e-6)
 
 
@@ -221,7 +221,7 @@ def test_a_dry_run_skips_the_search(fragile_cnn, digits):
 def test_an_unreachable_budget_is_reported_with_the_best_model_found(fragile_mlp, digits, caplog):
     context = _context(fragile_mlp, digits)
     context.reference_val_acc = 1.0  # no int8 model of this MLP reaches it
-    with caplog.at_level(logging.WARNING, logger="distillab.compress.quantize"):
+    with caplog.at_level(logging.WARNING, logger="distillab.compress.mixed"):
         result = Q.dynamic(fragile_mlp, context, max_acc_drop=0.001)
     details = result.details
     assert details["within_budget"] is False
