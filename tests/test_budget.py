@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,12 +15,12 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from distillab import measure, pipeline
+from distillab import compress, measure, pipeline, results
 from distillab.compress import Context, budget, plots
 from distillab.compress import prune as P
 from distillab.compress.prune_structured import channel_removal
 from distillab.compress.prune_unstructured import weight_zeroing
-from distillab.config import ConfigError
+from distillab.config import ConfigError, validate
 from distillab.models import CNN, MLP
 from tests.test_prune import configured, one_line_error
 
@@ -494,8 +495,7 @@ def test_a_run_with_a_budget_saves_the_scan_and_its_figure(make_cfg, tmp_path):
     record = pipeline.run(
         make_cfg(
             "compress=prune_structured",
-            "compress.amount=null",
-            "compress.max_acc_drop=0.05",
+            "compress.max_acc_drop=0.05",  # alone: the search chooses the amounts
             "compress.finetune_epochs=1",
             "student=cnn",
             "student.width=8",
@@ -515,8 +515,24 @@ def test_a_run_with_a_budget_saves_the_scan_and_its_figure(make_cfg, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["compressed"]["details"]["budget"] == found
 
 
-def test_a_budget_with_an_amount_fails_before_training(make_cfg, tmp_path):
+@pytest.mark.parametrize("option", compress.takes("amount"))
+def test_a_budget_on_the_command_line_lets_the_search_choose_the_amounts(option, make_cfg):
+    plain = make_cfg(f"compress={option}")
+    assert plain.compress.amount is not None  # the YAML's default amount
+    # a run that writes the default out composes the same config: its hash, and a sweep's resume, are unchanged
+    explicit = make_cfg(f"compress={option}", f"compress.amount={plain.compress.amount}")
+    assert results.config_hash(explicit) == results.config_hash(plain)
+    cfg = make_cfg(f"compress={option}", "compress.max_acc_drop=0.01")
+    assert cfg.compress.amount is None
+    validate(cfg)
+    taking = [m for m in compress.methods(cfg.compress) if "amount" in inspect.signature(m.func).parameters]
+    assert taking and all(m.keywords["amount"] is None and m.keywords["max_acc_drop"] == 0.01 for m in taking)
+
+
+def test_an_amount_set_with_a_budget_fails_before_training(make_cfg, tmp_path):
+    cfg = make_cfg("compress=prune_structured", "compress.amount=0.3", "compress.max_acc_drop=0.01")
     with pytest.raises(ConfigError) as caught:
-        pipeline.run(make_cfg("compress=prune_structured", "compress.max_acc_drop=0.01"), raise_on_failure=True)
-    assert str(caught.value).startswith("compress.amount=0.5 is not allowed with max_acc_drop=0.01")
+        pipeline.run(cfg, raise_on_failure=True)
+    assert str(caught.value).startswith("compress.amount=0.3 is not allowed with max_acc_drop=0.01")
+    assert "\n" not in str(caught.value)
     assert not (tmp_path / "cache").exists()

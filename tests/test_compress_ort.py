@@ -69,7 +69,7 @@ def _context(digits: dict, reference: nn.Module | None = None, dry_run: bool = F
 
 def _configured(option: str, **settings) -> dict:
     """The settings ``conf/compress/<option>.yaml`` gives its function (the budget included), ``settings`` on top."""
-    node = OmegaConf.to_container(conf.load("compress", option))
+    node = OmegaConf.to_container(conf.load("compress", option), resolve=True)
     own = {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
     return {**own, "max_acc_drop": node["max_acc_drop"], **settings}
 

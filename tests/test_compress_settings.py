@@ -24,7 +24,7 @@ SHAPE = (1, 8, 8)
 
 
 def node_of(option: str) -> dict:
-    return OmegaConf.to_container(conf.load("compress", option))
+    return OmegaConf.to_container(conf.load("compress", option), resolve=True)
 
 
 def steps_of(node: dict) -> list[dict]:

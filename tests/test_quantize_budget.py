@@ -119,7 +119,7 @@ def _context(model: nn.Module, digits: dict, finetune=None, epochs: int = 0, dry
 
 def _configured(option: str, **settings) -> dict:
     """The settings ``conf/compress/<option>.yaml`` gives its function (few calibration batches)."""
-    node = OmegaConf.to_container(conf.load("compress", option))
+    node = OmegaConf.to_container(conf.load("compress", option), resolve=True)
     own = {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
     if "calibration_batches" in own:
         own["calibration_batches"] = 4
