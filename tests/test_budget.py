@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from distillab import measure, pipeline
+from distillab import compress, measure, pipeline, results
 from distillab.compress import Context, budget, plots
 from distillab.compress import prune as P
-from distillab.config import ConfigError
+from distillab.compress.prune_structured import channel_removal
+from distillab.compress.prune_unstructured import weight_zeroing
+from distillab.config import ConfigError, validate
 from distillab.models import CNN, MLP
 from tests.test_prune import configured, one_line_error
 
@@ -134,7 +137,7 @@ def test_the_scan_has_a_row_per_layer_and_amount_with_what_it_removes(digits, tr
 
 
 def test_pruning_one_layer_alone_changes_only_that_layer(trained_mlp):
-    zeroing = P.weight_zeroing(trained_mlp, DIGITS, GRID)
+    zeroing = weight_zeroing(trained_mlp, DIGITS, GRID)
     assert list(zeroing.grids) == ["features.1", "features.3", "classifier"]
     pruned = zeroing.prune(trained_mlp, {"features.3": 0.5})
     before, after = trained_mlp.state_dict(), pruned.state_dict()
@@ -157,7 +160,7 @@ def test_the_macs_of_zeroed_weights_count_convolutions_transposed_grouped_and_de
         nn.Flatten(),
         nn.Linear(3 * 16 * 16, 10),
     )
-    zeroing = P.weight_zeroing(model, DIGITS, GRID)
+    zeroing = weight_zeroing(model, DIGITS, GRID)
     by_hand = (36 + 108 + 72) * 64 + 3 * 16 * 16 * 10
     assert zeroing.cost(model)["macs"] == by_hand == measure.macs(model, DIGITS)
     half = zeroing.prune(model, {"2": 0.5})
@@ -168,7 +171,7 @@ def test_removing_one_group_of_channels_changes_only_its_layers():
     torch.manual_seed(0)
     model = CNN(DIGITS, 10, width=8, blocks=2, dropout=0.0).eval()
     context = Context(DIGITS, batches_of(torch.randn(32, *DIGITS), torch.randint(0, 10, (32,))))
-    removal = P.channel_removal(
+    removal = channel_removal(
         model, context, importance="l1", iterative_steps=1, round_to=None, scan_amounts=GRID, objective="params"
     )
     assert set(removal.grids) == {"stages.0.0.0", "stages.0.1.0", "stages.1.0.0", "stages.1.1.0"}
@@ -377,7 +380,7 @@ def test_unstructured_cycles_reach_the_amount_and_finetune_each_cycle(digits):
     seen = []
 
     def finetune(target, epochs, on_epoch_start=None):
-        layers = [m for m in target.modules() if isinstance(m, P.PRUNABLE)]
+        layers = [m for m in target.modules() if isinstance(m, budget.PRUNABLE)]
         weights = [m.weight for m in layers]
         seen.append((epochs, sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)))
         with torch.no_grad():  # a training step: what is masked stays zero
@@ -492,8 +495,7 @@ def test_a_run_with_a_budget_saves_the_scan_and_its_figure(make_cfg, tmp_path):
     record = pipeline.run(
         make_cfg(
             "compress=prune_structured",
-            "compress.amount=null",
-            "compress.max_acc_drop=0.05",
+            "compress.max_acc_drop=0.05",  # alone: the search chooses the amounts
             "compress.finetune_epochs=1",
             "student=cnn",
             "student.width=8",
@@ -513,8 +515,24 @@ def test_a_run_with_a_budget_saves_the_scan_and_its_figure(make_cfg, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["compressed"]["details"]["budget"] == found
 
 
-def test_a_budget_with_an_amount_fails_before_training(make_cfg, tmp_path):
+@pytest.mark.parametrize("option", compress.takes("amount"))
+def test_a_budget_on_the_command_line_lets_the_search_choose_the_amounts(option, make_cfg):
+    plain = make_cfg(f"compress={option}")
+    assert plain.compress.amount is not None  # the YAML's default amount
+    # a run that writes the default out composes the same config: its hash, and a sweep's resume, are unchanged
+    explicit = make_cfg(f"compress={option}", f"compress.amount={plain.compress.amount}")
+    assert results.config_hash(explicit) == results.config_hash(plain)
+    cfg = make_cfg(f"compress={option}", "compress.max_acc_drop=0.01")
+    assert cfg.compress.amount is None
+    validate(cfg)
+    taking = [m for m in compress.methods(cfg.compress) if "amount" in inspect.signature(m.func).parameters]
+    assert taking and all(m.keywords["amount"] is None and m.keywords["max_acc_drop"] == 0.01 for m in taking)
+
+
+def test_an_amount_set_with_a_budget_fails_before_training(make_cfg, tmp_path):
+    cfg = make_cfg("compress=prune_structured", "compress.amount=0.3", "compress.max_acc_drop=0.01")
     with pytest.raises(ConfigError) as caught:
-        pipeline.run(make_cfg("compress=prune_structured", "compress.max_acc_drop=0.01"), raise_on_failure=True)
-    assert str(caught.value).startswith("compress.amount=0.5 is not allowed with max_acc_drop=0.01")
+        pipeline.run(cfg, raise_on_failure=True)
+    assert str(caught.value).startswith("compress.amount=0.3 is not allowed with max_acc_drop=0.01")
+    assert "\n" not in str(caught.value)
     assert not (tmp_path / "cache").exists()

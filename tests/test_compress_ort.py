@@ -69,7 +69,7 @@ def _context(digits: dict, reference: nn.Module | None = None, dry_run: bool = F
 
 def _configured(option: str, **settings) -> dict:
     """The settings ``conf/compress/<option>.yaml`` gives its function (the budget included), ``settings`` on top."""
-    node = OmegaConf.to_container(conf.load("compress", option))
+    node = OmegaConf.to_container(conf.load("compress", option), resolve=True)
     own = {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
     return {**own, "max_acc_drop": node["max_acc_drop"], **settings}
 
@@ -201,15 +201,25 @@ def test_a_tight_budget_keeps_the_sensitive_layer_float_and_is_met(mlp, digits):
     assert "classifier.weight" not in stored
 
 
-def test_a_budget_nothing_int8_can_meet_leaves_the_model_float(mlp, digits):
+def test_a_budget_nothing_can_meet_ends_with_the_most_accurate_candidate_the_float_file_included(mlp, digits):
     context = _context(digits, reference=mlp)
-    context.reference_val_acc = 1.0  # above the float model itself: no int8 layer is affordable
+    context.reference_val_acc = 1.0  # above the float model itself: no candidate meets the budget
     result = _dynamic(mlp, context, max_acc_drop=1e-6)
-    assert result.details["int8_layers"] == []
-    assert result.details["all_float"] and not result.details["within_budget"]
-    x = digits["test"][0]
-    with torch.no_grad():
-        assert torch.allclose(result.model(x), mlp(x), atol=1e-4)
+    details, x = result.details, digits["val"][0]
+    assert not details["within_budget"]
+    trail = details["val_acc_by_float_layers"]  # every int8 candidate the search tried, in order
+    assert len(trail) == 1 + len(details["sensitivity"])
+    assert details["val_acc"] >= max(trail)
+    assert details["val_acc"] == pytest.approx(_accuracy(result.model, digits["val"]), abs=1e-6)
+    # whether an int8 candidate beats the float file depends on this CPU's int8 kernels; what is
+    # promised is that the float file is kept unless one is strictly more accurate
+    if details["all_float"]:
+        assert details["int8_layers"] == [] and details["float_layers"] == ["features.1", "features.3", "classifier"]
+        with torch.no_grad():
+            assert torch.allclose(result.model(x), mlp(x), atol=1e-4)
+    else:
+        assert details["int8_layers"] and details["val_acc"] == max(trail)
+        assert details["val_acc"] > _accuracy(mlp, digits["val"])
 
 
 def test_a_dry_run_skips_the_search(digits):

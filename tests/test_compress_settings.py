@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ SHAPE = (1, 8, 8)
 
 
 def node_of(option: str) -> dict:
-    return OmegaConf.to_container(conf.load("compress", option))
+    return OmegaConf.to_container(conf.load("compress", option), resolve=True)
 
 
 def steps_of(node: dict) -> list[dict]:
@@ -55,6 +56,27 @@ def test_none_is_only_an_amount():
     assert node == {"amount": None} and compress.is_none(node)
     assert compress.is_none(conf.load("compress", "none"))
     assert not any(compress.is_none(conf.load("compress", option)) for option in OPTIONS if option != "none")
+
+
+#: what configs (and so runs' config hashes and saved .hydra/config.yaml files), docs and user code name
+PUBLIC_PATHS = {
+    "prune": ["unstructured", "structured", "load_unstructured", "load_structured", "cubic_sparsity", "PRUNABLE"],
+    "quantize": ["dynamic", "static", "qat", "load", "load_dynamic", "load_static", "load_qat", "int8_layers"],
+    "ort": ["int8_dynamic", "int8_static", "load", "OrtModel"],
+}
+
+
+def test_the_public_paths_still_name_the_methods_after_the_split():
+    from distillab.compress import prune, prune_structured, prune_unstructured
+
+    for module, names in PUBLIC_PATHS.items():
+        imported = importlib.import_module(f"distillab.compress.{module}")
+        assert [name for name in names if not hasattr(imported, name)] == [], module
+    # one function each, under its public path and in the module of its subject
+    assert prune.structured is prune_structured.structured and prune.unstructured is prune_unstructured.unstructured
+    assert prune.load_unstructured is prune_unstructured.load_unstructured
+    targets = [step.get("_target_") for option in OPTIONS for step in steps_of(node_of(option))]
+    assert {t.rsplit(".", 1)[0] for t in targets if t} == {f"distillab.compress.{m}" for m in PUBLIC_PATHS}
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -26,7 +26,7 @@ CIFAR = (3, 32, 32)
 def configured(option: str) -> dict:
     """The settings ``conf/compress/<option>.yaml`` gives its function, the shared pipeline keys
     (``amount``, ``max_acc_drop``, ``cycles``) included."""
-    node = OmegaConf.to_container(conf.load("compress", option))
+    node = OmegaConf.to_container(conf.load("compress", option), resolve=True)
     own = ("_target_", "_partial_", *PIPELINE_KEYS)
     return {key: value for key, value in node.items() if key in SHARED or key not in own}
 

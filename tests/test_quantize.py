@@ -105,7 +105,7 @@ def _kd_finetune(teacher: nn.Module, digits: dict, steps: int = 5, calls: list |
 def _configured(option: str) -> dict:
     """The settings ``conf/compress/<option>.yaml`` gives its function, the accuracy budget
     (a pipeline key the function takes) included."""
-    node = OmegaConf.to_container(conf.load("compress", option))
+    node = OmegaConf.to_container(conf.load("compress", option), resolve=True)
     own = {key: value for key, value in node.items() if key not in ("_target_", "_partial_", *PIPELINE_KEYS)}
     return {**own, "max_acc_drop": node["max_acc_drop"]}
 
@@ -428,7 +428,7 @@ def test_no_torch_ao_deprecation_reaches_the_caller_but_other_warnings_do(cnn, m
     ],
 )
 def test_config_instantiates_the_method(name, epochs, options, cnn, digits):
-    cfg = OmegaConf.to_container(conf.load("compress", name))
+    cfg = OmegaConf.to_container(conf.load("compress", name), resolve=True)
     assert "method" not in cfg and cfg["target"] == "student" and cfg["amount"] is None
     assert cfg["finetune_epochs"] == epochs
     rest = {k: v for k, v in cfg.items() if k not in PIPELINE_KEYS}

@@ -39,7 +39,8 @@ def parts() -> list[tuple[str, str, str, dict, tuple[str, ...]]]:
         ("compress", COMPRESSOR_PROVIDED),
     ):
         for option in conf.options(group):
-            node = OmegaConf.to_container(conf.load(group, option))
+            # a compressor's default amount is an interpolation (null with a budget): resolved as in a job
+            node = OmegaConf.to_container(conf.load(group, option), resolve=group == "compress")
             steps = node.get("steps") or ([node] if "_target_" in node else [])
             for step in steps:
                 values = {k: v for k, v in step.items() if k not in HYDRA_KEYS}

@@ -58,10 +58,21 @@ def option_list(group: str, sources: Any) -> str:
     return ", ".join(sorted(names))
 
 
+def unless_budget(amount: Any, *, _parent_: Any) -> Any:
+    """``${distillab.unless_budget:<amount>}``: the default ``amount`` a compressor's YAML writes,
+    which gives way to the search (null) when its node sets an accuracy budget (``max_acc_drop``).
+    So a budget set alone lets the search choose the amounts, while an amount set explicitly
+    replaces this interpolation and is refused with a budget."""
+    return amount if _parent_.get("max_acc_drop") is None else None
+
+
 def register_resolvers() -> None:
-    """Make ``${distillab.options:<group>,<sources>}`` available to the config (the help text)."""
+    """Make ``${distillab.options:<group>,<sources>}`` (the help text) and ``${distillab.unless_budget:...}``
+    (a compressor's default amount) available to the config."""
     if not OmegaConf.has_resolver("distillab.options"):
         OmegaConf.register_new_resolver("distillab.options", option_list)
+    if not OmegaConf.has_resolver("distillab.unless_budget"):
+        OmegaConf.register_new_resolver("distillab.unless_budget", unless_budget)
 
 
 def plain(node: Any) -> Any:
@@ -96,3 +107,8 @@ def resolved(node: Any) -> Any:
 
 def _is_interpolation(node: Any) -> bool:
     return hasattr(node, "_is_interpolation") and node._is_interpolation()
+
+
+# a job started in a new process (a SLURM job unpickles the task function) never runs train.py's
+# module code, and the compressor configs it resolves name ``distillab.unless_budget``
+register_resolvers()

@@ -1,7 +1,8 @@
 """Pruning to an accuracy budget, and pruning in cycles: the parts that do not depend on what
-is pruned (channels or single weights). ``prune.structured`` and ``prune.unstructured`` describe
-their pruning as a :class:`LayerPruning` and call :func:`prune_within_budget`, or
-:func:`prune_in_cycles` with a function that prunes a model to a given amount.
+is pruned (channels or single weights), and the layers both prune. ``prune_structured`` and
+``prune_unstructured`` describe their pruning as a :class:`LayerPruning` and call
+:func:`prune_within_budget`, or :func:`prune_in_cycles` with a function that prunes a model to a
+given amount.
 
 Budget (``max_acc_drop``): the largest drop of validation accuracy below the uncompressed model's
 (``context.reference_val_acc``) that pruning may cause; the floor is ``reference − max_acc_drop``.
@@ -59,10 +60,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from distillab import measure
@@ -71,6 +74,8 @@ from distillab.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: the layers pruning acts on: convolutions (transposed ones too) and Linear layers
+PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 #: what a budget search removes the most of: parameters, multiply-accumulates or batch-64 latency
 Objective = Literal["params", "macs", "latency"]
 #: the same for zeroed weights: dense kernels multiply the zeros too, so latency is not an objective
@@ -106,6 +111,18 @@ class WithinBudget:
     model: nn.Module
     details: dict[str, Any]
     sensitivity: list[dict[str, Any]]
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every layer of ``model`` that pruning acts on, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE)]
+
+
+def serialized_bytes(obj: Any) -> int:
+    """Bytes of ``obj`` written by ``torch.save``: the size of a pruning artifact."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
 
 
 # -- settings -----------------------------------------------------------------------------------------
