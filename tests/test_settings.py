@@ -236,14 +236,17 @@ def test_check_names_unknown_missing_and_provided_keys(plugpkg):
     settings.check("compress", {"rank": settings.UNRESOLVED}, declared, provided=("model", "context"))
 
 
-def entry(cache) -> dict:
+def entry(cache) -> tuple[str, str, list, dict]:
+    """The one cache entry: the target, where its package was found, its source files with their sizes and
+    times, the declaration."""
     (path,) = cache.glob("*.json")
-    return json.loads(path.read_text())
+    target, origin, sources, declared = json.loads(path.read_text())
+    return target, origin, sources, declared
 
 
 def test_a_cached_declaration_is_read_without_importing_the_part(plugpkg, cache):
     first = settings.declaration("plugpkg.Child")
-    sources = {file for file, *_ in entry(cache)["sources"]}
+    sources = {file for file, *_ in entry(cache)[2]}
     for name in ("__init__.py", "methods.py", "base.py", "units.py"):  # the target, its bases, the alias
         assert str(plugpkg / name) in sources, name
     assert str(plugpkg / "broken.py") not in sources
@@ -274,6 +277,17 @@ def test_editing_a_source_file_reads_the_declaration_again(plugpkg, cache, name,
     assert len(list(cache.glob("*.json"))) == 1  # the stale entry was replaced
 
 
+def test_the_same_name_under_another_path_is_read_again(plugpkg, tmp_path, monkeypatch):
+    settings.declaration("plugpkg.Child")
+    other = tmp_path / "other" / "plugpkg"  # another package of the same name, found first
+    other.mkdir(parents=True)
+    for name, text in PACKAGE.items():
+        (other / name).write_text(textwrap.dedent(text).replace("Range(0, 10,", "Range(0, 30,"))
+    monkeypatch.syspath_prepend(str(other.parent))
+    forget()
+    assert problem("x", settings.declaration("plugpkg.Child").settings["scale"].kind) == "a gain in [0, 30]"
+
+
 def test_a_corrupt_cache_entry_is_read_again(plugpkg, cache):
     declared = settings.declaration("plugpkg.Child")
     (path,) = cache.glob("*.json")
@@ -281,12 +295,12 @@ def test_a_corrupt_cache_entry_is_read_again(plugpkg, cache):
         path.write_text(garbage)
         forget()
         assert settings.declaration("plugpkg.Child") == declared
-        assert entry(cache)["target"] == "plugpkg.Child"  # written anew
+        assert entry(cache)[0] == "plugpkg.Child"  # written anew
 
 
 def test_a_part_that_cannot_be_read_is_one_line(plugpkg):
     cases = {
-        "plugpkg.broken.Unresolved": r"cannot be read: NameError: name 'Gain' is not defined \(",
+        "plugpkg.broken.Unresolved": r"cannot be read: NameError: name 'Gain' is not defined$",
         "nowhere.Loss": r"cannot be imported: ModuleNotFoundError: No module named 'nowhere'$",
         "plugpkg.missing.Loss": r"cannot be imported: AttributeError: module 'plugpkg' has no attribute 'missing'$",
         "plugpkg.methods.Missing": r"cannot be imported: AttributeError: .*has no attribute 'Missing'$",

@@ -1,33 +1,28 @@
 """Settings: what a configurable part accepts, declared once, on the part itself.
 
 A part (a distillation method, a model, a datamodule, a compressor, or one of the run's own
-config nodes) declares its settings as the typed parameters of its constructor or function,
-or as the fields of a dataclass. The type says what a value may be; ``typing.Annotated`` adds
-a range::
+config nodes) declares its settings as the typed parameters of its constructor or function, or
+as the fields of a dataclass: the type says what a value may be, ``typing.Annotated`` adds a
+range (``weight: Annotated[float, Range(0)]``, ``mode: Literal["sum", "mean"]``). The values live
+in the part's YAML file: a default is written once, there. ``check`` compares a config node with
+the declaration of the object its ``_target_`` names and reports the first problem in one line
+naming the key and what is allowed (``ConfigError``); ``checked`` does so from Python.
 
-    class MyLoss(nn.Module):
-        def __init__(self, weight: Annotated[float, Range(0)], mode: Literal["sum", "mean"]): ...
-
-The values live in the part's YAML file (``conf/<group>/<name>.yaml``): a default is written
-once, there. ``check(key, values, target)`` compares a config node with the declaration of the
-object its ``_target_`` names and reports the first problem as one line naming the key and what
-is allowed (``ConfigError``); ``checked`` enforces the same declaration from Python.
-
-``declaration`` imports the object and reads its signature (or dataclass fields) with
-``typing.get_type_hints``, following ``**kwargs`` to the next base class's constructor. It keeps
-what it read on disk as plain JSON (``cache_dir``), keyed by the size and modification time of
-each source file it depends on: the target's module, each class of its MRO, each class its
-annotations name, and each module of the project holding a type alias they use. A warm check
-needs neither torch nor Lightning; a part that cannot be read is one line, never a skipped check.
+``declaration`` imports the object and inspects it (``typing.get_type_hints``; ``**kwargs`` followed
+to the next base's constructor), and keeps what it read as JSON (``CACHE_ENV``), keyed by the size and
+modification time of each file it depends on: the target's module, each class of its MRO or named by
+its annotations, each project module holding a type alias they use. A warm check needs no torch; a part
+that cannot be read is one line, never a skipped check.
 """
 
 from __future__ import annotations
 
-import collections.abc
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -37,7 +32,7 @@ import sys
 import sysconfig
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -57,10 +52,8 @@ def under(key: str, message: str) -> str:
 # -- ranges -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """A numeric range, used inside ``Annotated``: ``Annotated[float, Range(0, 1)]`` is [0, 1].
-
-    ``low_open``/``high_open`` exclude the ends; ``what`` names the value in messages ("a
-    weight"), ``note`` is added in parentheses ("0 = no KD term")."""
+    """A numeric range inside ``Annotated``: ``Annotated[float, Range(0, 1)]`` is [0, 1]. ``low_open``/``high_open``
+    exclude the ends; ``what`` names the value in messages ("a weight"), ``note`` follows in parentheses."""
 
     low: float | None = None
     high: float | None = None
@@ -107,19 +100,9 @@ Seed = Annotated[int, Range(0, 2**32 - 1)]
 # -- what a value may be ------------------------------------------------------------------------
 #: a config value known only inside the job (an interpolation such as ``${paths.data_dir}``): present, not checked
 UNRESOLVED: Any = type("_Unresolved", (), {"__repr__": lambda self: "<interpolation>"})()
-_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
-_SIMPLE: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "any": (lambda v: True, ""),
-    "null": (lambda v: v is None, "null"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "float": (
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "a finite number",
-    ),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "mapping": (lambda v: isinstance(v, Mapping), "a mapping"),
-}
+_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null", dict: "mapping", Mapping: "mapping"}
+_SIMPLE = {"any": (object, ""), "null": (type(None), "null"), "bool": (bool, "true or false"), "str": (str, "a string")}
+_SIMPLE |= {"int": (int, "an integer"), "float": ((int, float), "a finite number"), "mapping": (Mapping, "a mapping")}
 
 
 def kind_of(annotation: Any) -> Any:
@@ -137,12 +120,10 @@ def kind_of(annotation: Any) -> Any:
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         hints = _hints(annotation)
         return {"fields": {f.name: kind_of(hints.get(f.name, Any)) for f in dataclasses.fields(annotation) if f.init}}
-    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable) or annotation in (list, tuple):
+    if origin in (list, tuple, Sequence, Iterable) or annotation in (list, tuple):
         items = [arg for arg in args if arg is not Ellipsis]
         return {"list": kind_of(items[0]) if len(items) == 1 else "any"}
-    if origin in (dict, collections.abc.Mapping) or annotation in (dict, collections.abc.Mapping):
-        return "mapping"
-    return next((name for kind, name in _NAMES.items() if annotation is kind), "any")
+    return next((name for kind, name in _NAMES.items() if kind in (annotation, origin)), "any")
 
 
 def problem(value: Any, kind: Any) -> str | None:
@@ -150,8 +131,9 @@ def problem(value: Any, kind: Any) -> str | None:
     annotation, or its plain form from ``kind_of``); None when it is."""
     kind = kind if isinstance(kind, (str, dict)) else kind_of(kind)
     if isinstance(kind, str):
-        fits, allowed = _SIMPLE[kind]
-        return None if fits(value) else allowed
+        allowed = _SIMPLE[kind]
+        fits = isinstance(value, allowed[0]) and not (isinstance(value, bool) and kind in ("int", "float"))
+        return None if fits and (kind != "float" or math.isfinite(value)) else allowed[1]
     if "ranges" in kind:
         ranges = [Range(**found) for found in kind["ranges"]]
         what = "an integer" if kind["of"] == "int" else "a number"
@@ -175,15 +157,13 @@ def problem(value: Any, kind: Any) -> str | None:
     if not isinstance(value, (list, tuple)):
         return "a list"
     found = next((f for f in (problem(item, kind["list"]) for item in value) if f is not None), None)
-    return None if found is None else f"a list of {_plural(found)}"
-
-
-def _plural(text: str) -> str:
-    for article in ("an ", "a "):
-        if text.startswith(article):
-            word, _, rest = text[len(article) :].partition(" ")
-            return f"{word}s {rest}".strip()
-    return text
+    if found is None:
+        return None
+    article, _, rest = found.partition(" ")  # "an integer >= 1": "integers >= 1"
+    if article in ("a", "an"):
+        word, _, rest = rest.partition(" ")
+        found = f"{word}s {rest}".strip()
+    return f"a list of {found}"
 
 
 # -- declarations -------------------------------------------------------------------------------
@@ -196,72 +176,51 @@ class Setting:
 
 @dataclasses.dataclass
 class Declaration:
-    """The settings of one class, function or dataclass. ``open``: it takes ``**kwargs`` that
-    could not be followed, so keys beyond ``settings`` are let through."""
+    """The settings of one class, function or dataclass; ``open``: ``**kwargs`` not followed, any key passes."""
 
     target: str
     settings: dict[str, Setting]
     open: bool = False
 
 
-#: library bases whose constructor takes no settings (``nn.Module`` refuses any keyword)
-_NO_SETTINGS = {
-    "torch.nn.modules.module.Module",
-    "pytorch_lightning.core.datamodule.LightningDataModule",
-    "lightning.pytorch.core.datamodule.LightningDataModule",
-}
+#: library bases whose constructor takes no settings (``nn.Module`` refuses any keyword; both Lightnings)
+_NO_SETTINGS = ("torch.nn.modules.module.Module", ".core.datamodule.LightningDataModule")
+#: the folder of the declaration cache; else ``$XDG_CACHE_HOME/distillab/declarations`` (``~/.cache/...``)
 CACHE_ENV = "DISTILLAB_DECLARATION_CACHE"
-_FORMAT = 1  # of a cache entry
-
-
-def cache_dir() -> Path:
-    """``$DISTILLAB_DECLARATION_CACHE``, else ``$XDG_CACHE_HOME/distillab/declarations`` (``~/.cache/...``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distillab" / "declarations"
 
 
 @functools.cache
 def declaration(target: str) -> Declaration:
     """The settings of the object a ``_target_`` path names; ``ConfigError`` when it cannot be read."""
-    # a name may mean another file under another sys.path
-    where = json.dumps([_FORMAT, sys.version, [os.path.abspath(str(p)) for p in sys.path], target])
-    path = cache_dir() / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        if entry["target"] == target and all(_stat(file) == [file, *rest] for file, *rest in entry["sources"]):
-            found = entry["declaration"]
-            settings = {name: Setting(**setting) for name, setting in found["settings"].items()}
+    where = json.dumps([1, sys.version, target]).encode()  # 1: the entry's format
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "distillab", "declarations")
+    path = Path(os.environ.get(CACHE_ENV) or home, f"{hashlib.sha256(where).hexdigest()[:32]}.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or corrupt
+        name, origin, sources, found = json.loads(path.read_text(encoding="utf-8"))
+        if name == target and origin == _origin(target) and all(_stat(f) == [f, *rest] for f, *rest in sources):
+            settings = {key: Setting(**setting) for key, setting in found["settings"].items()}
             return Declaration(target, settings, bool(found["open"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, stale, or corrupt
-        pass
+    done = "imported"
     try:
         module, obj = _import(target)
-    except Exception as error:  # noqa: BLE001 - a module that fails to import is the same mistake, in one line
-        raise ConfigError(f"_target_={target!r} cannot be imported: {_one_line(error)}") from None
-    try:
+        done = "read"  # an annotation that does not resolve, a signature that cannot be inspected
         declared, annotations = _read(obj, target)
-        sources = sorted(_files([module, obj, *annotations]) | {__file__})
-    except Exception as error:  # noqa: BLE001 - an annotation that does not resolve, a signature not inspectable
-        raise ConfigError(
-            f"_target_={target!r} cannot be read: {_one_line(error)} (each annotation of its settings must "
-            "resolve when its module is imported)"
-        ) from None
-    entry = {
-        "target": target,
-        "sources": [_stat(file) for file in sources],
-        "declaration": dataclasses.asdict(declared),
-    }
-    try:
-        atomic_write_json(path, entry)
-    except (OSError, TypeError, ValueError):  # a cache that cannot be written only costs time
-        pass
+        sources = [_stat(file) for file in sorted(_files([module, obj, *annotations]) | {__file__})]
+    except Exception as error:  # noqa: BLE001 - whatever stopped it, in one line
+        raise ConfigError(f"_target_={target!r} cannot be {done}: {_one_line(error)}") from None
+    with contextlib.suppress(OSError, TypeError, ValueError):  # a cache that cannot be written only costs time
+        atomic_write_json(path, [target, _origin(target), sources, dataclasses.asdict(declared)])
     return declared
 
 
+def _origin(target: str) -> str:
+    """Where the target's top package is (found, not imported): under another sys.path, another one may be."""
+    spec = importlib.util.find_spec(target.partition(".")[0])
+    return f"{spec.origin} {list(spec.submodule_search_locations or [])}" if spec else ""
+
+
 def _stat(file: str) -> list[Any]:
-    found = os.stat(file)
-    return [file, found.st_size, found.st_mtime_ns]
+    return [file, os.stat(file).st_size, os.stat(file).st_mtime_ns]
 
 
 def _one_line(error: BaseException) -> str:
@@ -286,27 +245,24 @@ def _import(target: str) -> tuple[types.ModuleType, Any]:
 def _read(obj: Any, target: str) -> tuple[Declaration, list[Any]]:
     """The declaration of ``obj``, read by inspection, and the annotations it was read from."""
     if isinstance(obj, type) and dataclasses.is_dataclass(obj):
-        fields = [f for f in dataclasses.fields(obj) if f.init]
-        kinds = kind_of(obj)["fields"]
-        required = {f.name: f.default is f.default_factory is dataclasses.MISSING for f in fields}
-        return Declaration(target, {n: Setting(n, k, required[n]) for n, k in kinds.items()}), [*_hints(obj).values()]
-    settings, annotations, is_open = {}, [], False
+        required = {f.name: f.default is f.default_factory is dataclasses.MISSING for f in dataclasses.fields(obj)}
+        settings = {name: Setting(name, kind, required[name]) for name, kind in kind_of(obj)["fields"].items()}
+        return Declaration(target, settings), [*_hints(obj).values()]
+    settings, annotations = {}, []
     owners = [base for base in obj.__mro__ if "__init__" in vars(base)] if isinstance(obj, type) else [obj]
     for owner in owners:
-        if owner is object or f"{owner.__module__}.{owner.__qualname__}" in _NO_SETTINGS:
-            is_open = False
+        is_open = False
+        if owner is object or f"{owner.__module__}.{owner.__qualname__}".endswith(_NO_SETTINGS):
             break
         function = owner.__init__ if isinstance(obj, type) else owner
-        hints, is_open = _hints(function), False
+        hints = _hints(function)
         annotations += hints.values()
         for parameter in list(inspect.signature(function).parameters.values())[isinstance(obj, type) :]:
             if parameter.kind is parameter.VAR_KEYWORD:
                 is_open = True  # followed to the next base's constructor
             elif parameter.kind is not parameter.VAR_POSITIONAL:
-                setting = Setting(
-                    parameter.name, kind_of(hints.get(parameter.name, Any)), parameter.default is parameter.empty
-                )
-                settings.setdefault(parameter.name, setting)
+                kind = kind_of(hints.get(parameter.name, Any))
+                settings.setdefault(parameter.name, Setting(parameter.name, kind, parameter.default is parameter.empty))
         if not is_open:
             break
     return Declaration(target, settings, is_open), annotations
@@ -317,8 +273,7 @@ def _hints(obj: Any) -> dict[str, Any]:
 
 
 def _files(roots: Iterable[Any]) -> set[str]:
-    """The files a declaration depends on: of each module, class (its MRO) and function reachable
-    from ``roots`` through annotations (a dataclass's fields too), and the holders of type aliases."""
+    """The files of the modules, classes (their MRO, a dataclass's fields) and aliases ``roots`` reach."""
     files, stack, seen = set(), list(roots), set()
     while stack:
         item = stack.pop()
@@ -338,38 +293,24 @@ def _files(roots: Iterable[Any]) -> set[str]:
     return {file for file in files if file}
 
 
-_ALIASES: dict[int, set[str]] = {}  # the project's type aliases (by id) and the files holding each
-_SCANNED: dict[str, Any] = {}  # the modules looked through, by name
-
-
 def _holders(alias: Any) -> set[str]:
-    """The files of the project's loaded modules that hold the type alias ``alias``, which records no
-    module of its own. Those of this module are left out (every entry depends on this file), and so are
-    the installed packages: one changes as a whole, the target's own file with it."""
+    """The project's files holding ``alias`` (an alias records no module); installed ones change whole."""
     if any(alias is value for value in globals().values()):
         return set()
-    installed = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")})
-    for name, module in list(sys.modules.items()):
+    installed, found = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")}), set()
+    for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None) or ""
-        if _SCANNED.get(name) is not module and file.endswith(".py") and not file.startswith(installed):
-            for value in [v for v in vars(module).values() if typing.get_origin(v) is not None]:
-                _ALIASES.setdefault(id(value), set()).add(file)
-        _SCANNED[name] = module
-    return _ALIASES.get(id(alias), set())
+        if file.endswith(".py") and not file.startswith(installed) and any(v is alias for v in vars(module).values()):
+            found.add(file)
+    return found
 
 
-# -- checking a node -------------------------------------------------------------------------------
+# -- checking a node, building and enforcing ------------------------------------------------------------
 def check(
     key: str, values: Mapping[str, Any], target: str | Declaration, provided: Iterable[str] = (), partial: bool = False
 ) -> None:
-    """Check the settings ``values`` of the config node at ``key`` against the declaration of
-    ``target``; raise ``ConfigError`` with one line naming the first bad key.
-
-    ``values`` are plain Python without ``_target_``-style keys; a value known only inside the job (an
-    interpolation) is ``UNRESOLVED`` and not checked. ``provided``: parameters the run passes itself
-    (``input_shape`` of a model), which the node must not set. ``partial``: a ``_partial_`` factory,
-    whose missing parameters the run fills later.
-    """
+    """Check the plain ``values`` of the node at ``key`` (``UNRESOLVED``: known in the job only) against ``target``'s
+    declaration (``provided``: what the run passes itself, not the node; ``partial``: missing ones filled later)."""
     try:
         declared = target if isinstance(target, Declaration) else declaration(target)
     except ConfigError as error:
@@ -399,7 +340,8 @@ def _check_value(key: str, value: Any, kind: Any) -> None:
         return
     found = problem(value, kind)
     if found is not None:
-        raise ConfigError(f"{key}={_show(value)} is not allowed: {found}")
+        shown = str(value) if isinstance(value, float) and not math.isfinite(value) else repr(value)
+        raise ConfigError(f"{key}={shown} is not allowed: {found}")
     arms = [arm for arm in kind["union"] if arm != "null"] if isinstance(kind, dict) and "union" in kind else [kind]
     fields = arms[0].get("fields") if len(arms) == 1 and isinstance(arms[0], dict) else None
     for name, item in value.items() if fields is not None and isinstance(value, Mapping) else ():
@@ -412,25 +354,14 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
-def _show(value: Any) -> str:
-    return str(value) if isinstance(value, float) and not math.isfinite(value) else repr(value)
-
-
-# -- building and enforcing --------------------------------------------------------------------------
 def build(kind: type, values: Mapping[str, Any]) -> Any:
-    """An instance of the settings dataclass ``kind`` from a config node's plain values, checked;
-    nested settings dataclasses are built too."""
+    """The settings dataclass ``kind`` (and those nested in it) from a config node's plain values, checked."""
     check("", values, _read(kind, f"{kind.__module__}.{kind.__qualname__}")[0])
     hints, arguments = _hints(kind), dict(values)
-    for name, value in values.items():
-        nested = hints.get(name, Any)
-        if typing.get_origin(nested) in (Union, types.UnionType):  # a settings dataclass or null
-            arms = [arm for arm in typing.get_args(nested) if arm is not type(None)]
-            nested = arms[0] if len(arms) == 1 else Any
-        if typing.get_origin(nested) is Annotated:
-            nested = typing.get_args(nested)[0]
-        if isinstance(nested, type) and dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
-            arguments[name] = build(nested, value)
+    for name, value in values.items():  # a settings dataclass, or one or null
+        arms = [arm for arm in typing.get_args(hints[name]) or [hints[name]] if arm is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) and isinstance(value, Mapping):
+            arguments[name] = build(arms[0], value)
     return kind(**arguments)
 
 
@@ -464,8 +395,5 @@ def checked(obj: Callable) -> Callable:
 
 
 def _is_plain(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(map(_is_plain, value))
-    if isinstance(value, Mapping):
-        return all(map(_is_plain, value.values()))
-    return value is None or isinstance(value, (bool, int, float, str))
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else None
+    return all(map(_is_plain, items)) if items is not None else isinstance(value, (type(None), bool, int, float, str))
