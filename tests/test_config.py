@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillab import cli, conf
+from distillab import cli, conf, settings
 from distillab.config import ConfigError, validate
 from tests.conftest import CONF, ROOT, compose_cfg, run_train
 
@@ -71,16 +71,39 @@ def test_bad_input_is_one_line_naming_the_key(override, expected, capsys):
     assert expected in err, err
 
 
-def test_config_errors_come_before_the_heavy_imports():
-    """The check imports neither torch nor Lightning: it answers in well under a second of work."""
+HEAVY = ("torch", "pytorch_lightning", "torchvision", "torchmetrics")
+MY_METHOD = ROOT / "examples" / "my_method"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["distill.temperature=-1"], "error: distill.temperature=-1 is not allowed: a temperature > 0"),
+        (  # a user's part, from outside the package, as examples/my_method/README.md runs it
+            ["--config-dir", str(MY_METHOD / "conf"), "distill=logit_matching", "distill.weight=-1"],
+            "error: distill.weight=-1 is not allowed: a weight >= 0",
+        ),
+    ],
+    ids=["built-in", "example"],
+)
+def test_a_warm_check_answers_without_importing_torch(args, expected, tmp_path, monkeypatch):
+    """The declarations read once (here, in this process) are what a later command's check reads:
+    a fresh interpreter with the same path reports the bad value in one line, torch never imported."""
+    monkeypatch.setenv(settings.CACHE_ENV, str(tmp_path / "declarations"))
+    monkeypatch.syspath_prepend(str(MY_METHOD))
+    settings.declaration.cache_clear()
+    with pytest.raises(SystemExit):
+        cli.check_command_line(args)  # reads and caches every declaration the check needs
+    settings.declaration.cache_clear()
     code = (
-        "import sys; from distillab import cli\n"
-        "try:\n    cli.check_command_line(['distill.lam=1.5'])\nexcept SystemExit as e:\n    code = e.code\n"
-        "heavy = [m for m in ('torch', 'pytorch_lightning', 'torchvision', 'torchmetrics') if m in sys.modules]\n"
-        "print(code, heavy)"
+        f"import sys; sys.path[:] = {sys.path!r}\n"
+        "from distillab import cli\n"
+        f"try:\n    cli.check_command_line({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+    assert out.stderr.strip() == expected
 
 
 def test_a_teacher_file_that_is_not_a_state_dict_fails_before_training(tmp_path):

@@ -1,30 +1,29 @@
-"""Settings declared once, on the part itself: the reader, the checks, and every built-in part.
+"""Settings declared once, on the part itself: the declarations, their cache, the checks, and every
+built-in part.
 
 Each option of conf/distill, conf/data, conf/model and conf/compress names a class or function
-whose typed parameters declare its settings; its YAML holds their values. Here: the declaration
-read from source (what the command line checks, before torch is imported) is the one Python
-sees when it imports the part; the YAML's values pass it and list every setting; and the code
-writes no default of its own.
+whose typed parameters declare its settings; its YAML holds their values. Here: every setting has
+a type, the YAML's values pass it and list every setting, and the code writes no default of its
+own; a declaration is read by import once and then from its cache entry until a file it was read
+from changes; a part that cannot be read says so in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
+import os
 import sys
 import textwrap
-import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
 from omegaconf import OmegaConf
 
-from distillab import conf, settings
-from distillab.config import COMPRESS_KEYS, COMPRESSOR_PROVIDED, MODEL_PROVIDED
+from distillab import cli, conf, settings
+from distillab.conf import COMPRESS_KEYS, MODEL_PROVIDED
+from distillab.config import COMPRESSOR_PROVIDED
 from distillab.settings import ConfigError, Range, checked, problem
-from tests.conftest import ROOT
 
 HYDRA_KEYS = ("_target_", "_partial_")
 
@@ -57,30 +56,6 @@ PARTS = parts()
 IDS = [f"{group}={option}:{target.rsplit('.', 1)[-1]}" for group, option, target, _, _ in PARTS]
 
 
-def kind(value: Any) -> Any:
-    """A settings type as nested plain data (a settings dataclass, or the source reader's stand-in
-    for one, by its name and its fields' kinds), comparable across processes."""
-    if dataclasses.is_dataclass(value):
-        hints = typing.get_type_hints(value, include_extras=True)
-        return [value.__name__, [[f.name, kind(hints[f.name])] for f in dataclasses.fields(value)]]
-    args = typing.get_args(value)
-    if args:
-        return [repr(typing.get_origin(value)), [repr(a) if isinstance(a, Range) else kind(a) for a in args]]
-    return repr(value)
-
-
-def described(declaration: settings.Declaration, provided: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Names, kinds and defaults; the kinds of what the run provides (``nn.Module``, ``Context``) are
-    left out, since the source reader does not import torch to resolve them."""
-    return {
-        "open": declaration.open,
-        "settings": [
-            [s.name, None if s.name in provided else kind(s.kind), repr(s.default)]
-            for s in declaration.settings.values()
-        ],
-    }
-
-
 # -- every built-in part -------------------------------------------------------------------------
 def test_every_group_is_covered():
     assert {group for group, *_ in PARTS} == {"distill", "data", "model", "compress"}
@@ -88,44 +63,21 @@ def test_every_group_is_covered():
 
 
 @pytest.mark.parametrize(("group", "option", "target", "values", "provided"), PARTS, ids=IDS)
-def test_the_declaration_read_from_source_is_the_imported_one(group, option, target, values, provided):
-    from_source, imported = settings.declaration(target), settings._by_import(target)
-    assert described(from_source, provided) == described(imported, provided)
-    untyped = [s.name for s in from_source.settings.values() if s.kind is Any and s.name not in provided]
-    assert not untyped, f"{target}: settings without a type: {untyped}"
-
-
-@pytest.mark.parametrize(("group", "option", "target", "values", "provided"), PARTS, ids=IDS)
 def test_the_yaml_holds_every_value_and_the_code_none(group, option, target, values, provided):
     settings.check(group, values, target, provided=provided)
     declared = settings.declaration(target).settings
     assert set(values) == set(declared) - set(provided), f"conf/{group}/{option}.yaml must list every setting"
-    defaults = [name for name in values if declared[name].default is not settings.REQUIRED]
+    defaults = [name for name in values if not declared[name].required]
     assert not defaults, f"{target}: {defaults} have a default in the code as well as in the YAML"
+    untyped = [name for name, s in declared.items() if s.kind == "any" and name not in provided]
+    assert not untyped, f"{target}: settings without a type: {untyped}"
 
 
-def test_every_declaration_is_read_without_importing_torch():
-    """What the command line does before a job: read every part's declaration and check its values,
-    in a fresh interpreter that must not import torch or Lightning for it."""
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from tests.test_settings import PARTS, described
-        from distillab import settings
-        found = {{}}
-        for group, option, target, values, provided in PARTS:
-            settings.check(group, values, target, provided=provided)
-            found[target] = described(settings.declaration(target), provided)
-        heavy = [m for m in ("torch", "pytorch_lightning", "torchvision") if m in sys.modules]
-        print(json.dumps({{"found": found, "heavy": heavy}}))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)
-    assert result["heavy"] == []
-    for _, _, target, _, provided in PARTS:
-        expected = json.loads(json.dumps(described(settings._by_import(target), provided)))
-        assert result["found"][target] == expected, target
+def test_the_run_nodes_and_roles_declare_their_settings():
+    from distillab.config import NODES, RUN
+
+    for target in [RUN, *NODES.values(), *conf.ROLES.values()]:
+        assert settings.declaration(target).settings, target
 
 
 # -- what a value may be ---------------------------------------------------------------------------
@@ -170,18 +122,22 @@ def test_problem_accepts_what_fits(value, kind):
     assert problem(value, kind) is None
 
 
-# -- reading a declaration from source --------------------------------------------------------------
+# -- reading a declaration, and its cache -------------------------------------------------------------
 PACKAGE = {
-    "__init__.py": "import torch  # the package itself is heavy: reading its parts must not run it\n"
-    "from plugpkg.methods import Child\n",
+    "__init__.py": "from plugpkg.methods import Child\n",
+    "units.py": """
+        from typing import Annotated
+        from distillab.settings import Range
+
+        Gain = Annotated[float, Range(0, 10, what="a gain")]
+        """,
     "base.py": """
         from __future__ import annotations
         from dataclasses import dataclass
         from typing import Annotated, Literal
         from torch import nn
         from distillab.settings import Range, Temperature
-
-        Gain = Annotated[float, Range(0, 10, what="a gain")]
+        from .units import Gain
 
         @dataclass
         class Term:
@@ -211,39 +167,62 @@ PACKAGE = {
         def compressor(model, context, *, rank: int, keep: bool = True):
             return model
         """,
+    "broken.py": """
+        from __future__ import annotations
+        from torch import nn
+
+        class Unresolved(nn.Module):
+            def __init__(self, scale: Gain) -> None:  # Gain is not defined in this module
+                super().__init__()
+
+        """,
 }
+CHILD = {"weight": 1, "layers": None, "probe": 0, "scale": 1, "mode": "sum", "term": {"lam": 0.5, "temperature": 1}}
+
+
+def forget(package: str = "plugpkg") -> None:
+    """As a new process would start: nothing of ``package`` imported, no declaration in memory."""
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        del sys.modules[name]
+    settings.declaration.cache_clear()
 
 
 @pytest.fixture
-def plugpkg(tmp_path, monkeypatch):
+def cache(tmp_path, monkeypatch):
+    """An empty declaration cache of this test's own."""
+    folder = tmp_path / "declarations"
+    monkeypatch.setenv(settings.CACHE_ENV, str(folder))
+    settings.declaration.cache_clear()
+    yield folder
+    settings.declaration.cache_clear()
+
+
+@pytest.fixture
+def plugpkg(tmp_path, monkeypatch, cache):
     package = tmp_path / "plugpkg"
     package.mkdir()
     for name, text in PACKAGE.items():
         (package / name).write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(tmp_path))
+    forget()
     yield package
-    for name in [m for m in sys.modules if m.startswith("plugpkg")]:
-        del sys.modules[name]
-    settings._declaration.cache_clear()
-    settings._parse.cache_clear()
+    forget()
 
 
-def test_the_reader_follows_reexports_kwargs_aliases_and_dataclasses(plugpkg):
+def test_a_declaration_follows_reexports_kwargs_aliases_and_dataclasses(plugpkg):
     declared = settings.declaration("plugpkg.Child")  # re-exported by the package's __init__
     assert list(declared.settings) == ["weight", "layers", "probe", "scale", "mode", "term"]
-    assert problem(11, declared.settings["scale"].kind) == "a gain in [0, 10]"  # a module-level alias
-    assert "plugpkg" not in sys.modules  # read, never run
+    assert problem(11, declared.settings["scale"].kind) == "a gain in [0, 10]"  # an alias of another module
+    settings.check("distill", CHILD, declared)
     with pytest.raises(ConfigError, match=r"^distill\.term\.lam=2 is not allowed: a number in \[0, 1\]$"):
-        settings.check(
-            "distill",
-            {"weight": 1, "layers": None, "probe": 0, "scale": 1, "mode": "sum", "term": {"lam": 2, "temperature": 1}},
-            declared,
-        )
+        settings.check("distill", {**CHILD, "term": {"lam": 2, "temperature": 1}}, declared)
+    with pytest.raises(ConfigError, match=r"^distill\.term\.lamda is not a known key; allowed keys of distill.term: "):
+        settings.check("distill", {**CHILD, "term": {"lamda": 2}}, declared)
     assert settings.declaration("plugpkg.methods.Alias").settings.keys() == declared.settings.keys()
     plain = settings.declaration("plugpkg.methods.Plain")  # nn.Module's constructor takes nothing
     assert plain.settings == {} and not plain.open
     function = settings.declaration("plugpkg.methods.compressor")
-    assert function.settings["keep"].default is True and function.settings["rank"].default is settings.REQUIRED
+    assert not function.settings["keep"].required and function.settings["rank"].required
 
 
 def test_check_names_unknown_missing_and_provided_keys(plugpkg):
@@ -258,6 +237,99 @@ def test_check_names_unknown_missing_and_provided_keys(plugpkg):
     settings.check("compress", {"rank": settings.UNRESOLVED}, declared, provided=("model", "context"))
 
 
+def entry(cache) -> tuple[str, str, list, dict]:
+    """The one cache entry: the target, where its package was found, its source files with their sizes and
+    times, the declaration."""
+    (path,) = cache.glob("*.json")
+    target, origin, sources, declared = json.loads(path.read_text())
+    return target, origin, sources, declared
+
+
+def test_a_cached_declaration_is_read_without_importing_the_part(plugpkg, cache):
+    first = settings.declaration("plugpkg.Child")
+    sources = {file for file, *_ in entry(cache)[2]}
+    for name in ("__init__.py", "methods.py", "base.py", "units.py"):  # the target, its bases, the alias
+        assert str(plugpkg / name) in sources, name
+    assert str(plugpkg / "broken.py") not in sources
+    forget()
+    assert settings.declaration("plugpkg.Child") == first
+    assert "plugpkg" not in sys.modules  # served from the cache entry, nothing imported
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "allowed"),
+    [
+        ("methods.py", "weight: Weight,", "weight: float, ", "a finite number"),  # the target's own file
+        ("base.py", "scale: Gain,", "scale: int, ", "an integer"),  # a base class's, in another module
+        ("units.py", "Range(0, 10,", "Range(0, 20,", "a gain in [0, 20]"),  # an alias's, used by the base
+    ],
+)
+def test_editing_a_source_file_reads_the_declaration_again(plugpkg, cache, name, old, new, allowed):
+    settings.declaration("plugpkg.Child")
+    path = plugpkg / name
+    text = path.read_text()
+    assert old in text and len(new) == len(old)  # the same size: only the modification time tells
+    before = path.stat().st_mtime_ns
+    path.write_text(text.replace(old, new))
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    forget()
+    key = "weight" if name == "methods.py" else "scale"
+    assert problem("x", settings.declaration("plugpkg.Child").settings[key].kind) == allowed
+    assert len(list(cache.glob("*.json"))) == 1  # the stale entry was replaced
+
+
+def test_the_same_name_under_another_path_is_read_again(plugpkg, tmp_path, monkeypatch):
+    settings.declaration("plugpkg.Child")
+    other = tmp_path / "other" / "plugpkg"  # another package of the same name, found first
+    other.mkdir(parents=True)
+    for name, text in PACKAGE.items():
+        (other / name).write_text(textwrap.dedent(text).replace("Range(0, 10,", "Range(0, 30,"))
+    monkeypatch.syspath_prepend(str(other.parent))
+    forget()
+    assert problem("x", settings.declaration("plugpkg.Child").settings["scale"].kind) == "a gain in [0, 30]"
+
+
+def test_a_corrupt_cache_entry_is_read_again(plugpkg, cache):
+    declared = settings.declaration("plugpkg.Child")
+    (path,) = cache.glob("*.json")
+    for garbage in ("{not json", json.dumps({"target": "plugpkg.Child"}), json.dumps([1, 2]), ""):
+        path.write_text(garbage)
+        forget()
+        assert settings.declaration("plugpkg.Child") == declared
+        assert entry(cache)[0] == "plugpkg.Child"  # written anew
+
+
+def test_a_part_that_cannot_be_read_is_one_line(plugpkg):
+    cases = {
+        "plugpkg.broken.Unresolved": r"cannot be read: NameError: name 'Gain' is not defined$",
+        "nowhere.Loss": r"cannot be imported: ModuleNotFoundError: No module named 'nowhere'$",
+        "plugpkg.missing.Loss": r"cannot be imported: AttributeError: module 'plugpkg' has no attribute 'missing'$",
+        "plugpkg.methods.Missing": r"cannot be imported: AttributeError: .*has no attribute 'Missing'$",
+        "math.log": r"cannot be read: ValueError: no signature found",  # a builtin: no signature to inspect
+    }
+    for target, message in cases.items():
+        with pytest.raises(ConfigError, match=rf"^distill\._target_={target!r} {message}") as error:
+            settings.check("distill", {"scale": 1}, target)
+        assert len(str(error.value).splitlines()) == 1
+    (plugpkg / "failing.py").write_text("raise RuntimeError('no GPU\\nfound')\n")
+    with pytest.raises(
+        ConfigError, match=r"^distill\._target_='plugpkg.failing.X' cannot be imported: RuntimeError: no GPU found$"
+    ):
+        settings.check("distill", {}, "plugpkg.failing.X")
+
+
+def test_an_unreadable_part_on_the_command_line_is_one_line(plugpkg, tmp_path, capsys):
+    (tmp_path / "conf" / "distill").mkdir(parents=True)
+    (tmp_path / "conf" / "distill" / "broken.yaml").write_text("_target_: plugpkg.broken.Unresolved\nscale: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.check_command_line(["--config-dir", str(tmp_path / "conf"), "distill=broken"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(
+        "error: distill._target_='plugpkg.broken.Unresolved' cannot be read: NameError: name 'Gain' is not defined"
+    ), err
+
+
 def test_checked_enforces_the_declaration_when_called_from_python():
     @checked
     def scale(x: float, factor: Annotated[float, Range(0, low_open=True, what="a factor")]) -> float:
@@ -266,6 +338,13 @@ def test_checked_enforces_the_declaration_when_called_from_python():
     assert scale(2.0, factor=3) == 6.0
     with pytest.raises(ConfigError, match=r"^factor=0 is not allowed: a factor > 0$"):
         scale(2.0, factor=0)
+
+    @checked
+    def unreadable(x: Undefined) -> None:  # noqa: F821 - the point of the test
+        return None
+
+    with pytest.raises(ConfigError, match=r"unreadable: its settings cannot be read: NameError: name 'Undefined'"):
+        unreadable(1)
 
 
 def test_build_makes_a_checked_settings_dataclass():
@@ -277,19 +356,3 @@ def test_build_makes_a_checked_settings_dataclass():
     assert settings.build(Timing, {"threads": None, "repeats": 3}) == Timing(None, 3)
     with pytest.raises(ConfigError, match=r"^repeats=0 is not allowed: an integer >= 1$"):
         settings.build(Timing, {"threads": 1, "repeats": 0})
-
-
-def test_declarations_of_the_run_nodes_are_read_from_source():
-    from distillab.config import NODES, ROLES, RUN
-
-    for target in [RUN, *NODES.values(), *ROLES.values()]:
-        from_source = settings._SourceReader().find(target)
-        assert from_source is not None and from_source.settings, target
-        assert described(from_source) == described(settings._by_import(target)), target
-
-
-def test_source_files_exist_for_every_built_in_target():
-    for _, _, target, _, _ in PARTS:
-        module = target.rsplit(".", 1)[0]
-        path = settings._module_path(module)
-        assert path is not None and Path(path).is_file(), target

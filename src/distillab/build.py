@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillab.config import MODEL_PROVIDED, ROLE_KEYS
+from distillab.conf import MODEL_PROVIDED, ROLE_KEYS
 from distillab.data.adapter import DataInfo
 from distillab.settings import ConfigError, under
 

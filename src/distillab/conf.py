@@ -23,6 +23,18 @@ from distillab import settings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
+#: keys of the teacher and student nodes that belong to the role, beside the architecture's, and the
+#: settings dataclass that declares them
+ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
+ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
+#: what the run passes to a model itself
+MODEL_PROVIDED = ("input_shape", "num_classes")
+#: keys of a compress node that belong to the run (``CompressSettings``), not to the method
+COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
+#: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
+#: one-shot compression): a compressor's YAML written without them keeps working
+OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
+
 
 def options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """The option names of ``group`` (its YAML files), sorted."""

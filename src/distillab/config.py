@@ -3,8 +3,8 @@
 Every part checks against its own declaration (``distillab.settings``): a datamodule, a model,
 a distillation method or a compressor against the typed constructor or function its
 ``_target_`` names; the run's own nodes against the settings dataclasses beside the code they
-configure (``NODES``). Declarations are read from source, so ``validate`` imports neither
-torch nor Lightning, and a bad value is reported within a second or two of the command.
+configure (``NODES``). Declarations come from the cache of ``settings.declaration`` once read,
+so a warm ``validate`` imports neither torch nor Lightning and answers within about a second.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distillab import settings
-from distillab.conf import plain
+from distillab.conf import COMPRESS_KEYS, MODEL_PROVIDED, OPTIONAL_COMPRESS_KEYS, ROLE_KEYS, ROLES, plain
 from distillab.settings import ConfigError
 from distillab.steps import export
 
-__all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "validate"]
+__all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "ROLES", "validate"]
 
 #: the run's own nodes, and the settings dataclass that declares each
 RUN = "distillab.pipeline.RunSettings"
@@ -30,17 +30,8 @@ NODES = {
     "ensemble": "distillab.steps.teacher.ensemble.EnsembleSettings",
     "export": "distillab.steps.export.ExportSettings",
 }
-#: keys of the teacher and student nodes that belong to the role, beside the architecture's,
-#: with the settings dataclass of each role
-ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
-ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
 COMPRESS = "distillab.compress.CompressSettings"
-COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
-#: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
-#: one-shot compression): a compressor's YAML written without them keeps working
-OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
-#: what the run passes to a model and to a compressor itself
-MODEL_PROVIDED = ("input_shape", "num_classes")
+#: what the run passes to a compressor itself
 COMPRESSOR_PROVIDED = ("model", "context")
 #: nodes whose contents are checked by what builds them (Lightning, Hydra, torch.optim)
 FREE = ("data", "teacher", "student", "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
@@ -85,7 +76,7 @@ def check_part(key: str, node: Any, provided: Iterable[str] = ()) -> None:
     if not target or not isinstance(target, str):
         raise ConfigError(f"{key}._target_ is missing: the node must name the class or function it builds")
     values = {k: v for k, v in plain(node).items() if k not in HYDRA_KEYS}
-    settings.check(key, values, _declared(key, target), provided=provided, partial=bool(node.get("_partial_")))
+    settings.check(key, values, target, provided=provided, partial=bool(node.get("_partial_")))
 
 
 def check_role(role: str, node: DictConfig) -> None:
@@ -129,13 +120,3 @@ def _check_compressor(key: str, node: DictConfig) -> None:
 def _amount_only() -> settings.Declaration:
     declared = settings.declaration(COMPRESS)
     return settings.Declaration(COMPRESS, {"amount": declared.settings["amount"]})
-
-
-def _declared(key: str, target: str) -> settings.Declaration:
-    try:
-        return settings.declaration(target)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"{key}._target_={target!r} cannot be found: {error}") from None
-    except Exception as error:  # noqa: BLE001 - a module that fails to import is the same mistake, in one line
-        message = " ".join(str(error).split())
-        raise ConfigError(f"{key}._target_={target!r} cannot be imported: {type(error).__name__}: {message}") from None

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from distillab import measure
-from distillab.config import OPTIONAL_COMPRESS_KEYS
+from distillab.conf import COMPRESS_KEYS as PIPELINE_KEYS
+from distillab.conf import OPTIONAL_COMPRESS_KEYS
 from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, NonNegativeCount
 
 
@@ -80,8 +81,6 @@ class Compressed:
     suffix: str = ".pt"
 
 
-# keys of a compress config that belong to the pipeline, not to the method function
-PIPELINE_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
 # pipeline keys also given to each method whose function declares them
 SHARED = ("amount", "max_acc_drop", "cycles")
 
