@@ -39,8 +39,8 @@ COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles"
 #: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
 #: one-shot compression): a compressor's YAML written without them keeps working
 OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
-#: what the run passes to a model and to a compressor itself
-MODEL_PROVIDED = ("input_shape", "num_classes")
+#: what the run passes to a model (vocab_size: to a text model, which declares it) and to a compressor itself
+MODEL_PROVIDED = ("input_shape", "num_classes", "vocab_size")
 COMPRESSOR_PROVIDED = ("model", "context")
 #: nodes whose contents are checked by what builds them (Lightning, Hydra, torch.optim)
 FREE = ("data", "teacher", "student", "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
