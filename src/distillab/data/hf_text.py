@@ -20,7 +20,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from distillab.data.text import Table, TextDataModule, file_digest, hub_unreachable
+from distillab.data.tables import Table, file_digest
+from distillab.data.text import TextDataModule, hub_unreachable
 from distillab.settings import ConfigError, checked
 
 log = logging.getLogger(__name__)
