@@ -55,7 +55,7 @@ BAD = {
     "distill.temperature=inf": "distill.temperature=inf is not allowed: a temperature > 0",
     "distill.lam=nan": "distill.lam=nan is not allowed",
     "+sed=1": "sed is not a known key; allowed top-level keys:",
-    "student=nosuchnet": "student=nosuchnet is not an option; allowed: cnn,",
+    "student=nosuchnet": "student=nosuchnet is not an option; allowed: bilstm, cnn,",
     "trainer.max_epochs=1.5": "trainer.max_epochs=1.5 is not allowed: an integer >= 1",
     "data.labelled_fraction=0": "data.labelled_fraction=0",
 }

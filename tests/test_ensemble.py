@@ -79,7 +79,10 @@ def test_kd_against_an_ensemble_is_kd_against_the_averaged_distribution() -> Non
         (["teachers=[cnn,mlp]", "ensemble.weights=[1]"], "ensemble.weights=[1] is not allowed"),
         (["teachers=[cnn,mlp]", "ensemble.combine=median"], "ensemble.combine='median' is not allowed"),
         (["teachers=[cnn,mlp]", "distill=fitnet"], "distill=fitnet reads the features of one teacher"),
-        (["teachers=[cnn,nosuchnet]"], "teachers: 'nosuchnet' is not a model option; allowed: cnn, mlp"),
+        (
+            ["teachers=[cnn,nosuchnet]"],
+            "teachers: 'nosuchnet' is not a model option; allowed: bilstm, cnn, hf_classifier, mlp",
+        ),
     ],
 )
 def test_bad_ensembles_fail_before_training(make_cfg, overrides: list[str], message: str, tmp_path) -> None:

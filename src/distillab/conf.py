@@ -27,8 +27,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: settings dataclass that declares them
 ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
 ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
-#: what the run passes to a model itself
-MODEL_PROVIDED = ("input_shape", "num_classes")
+#: what the run passes to a model itself (vocab_size: to a text model, which declares it)
+MODEL_PROVIDED = ("input_shape", "num_classes", "vocab_size")
 #: keys of a compress node that belong to the run (``CompressSettings``), not to the method
 COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
 #: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 
-#: the packages of the ``export`` extra of pyproject.toml
-EXTRA = ("onnx", "onnxruntime", "onnxscript")
+#: the packages of the optional extras of pyproject.toml that code checks for before it imports them
+EXTRAS = {"export": ("onnx", "onnxruntime", "onnxscript"), "text": ("transformers", "tokenizers", "datasets")}
+EXTRA = EXTRAS["export"]
 
 
 INSTALL = 'pip install -e ".[export]"'
@@ -37,16 +38,17 @@ INSTALL = 'pip install -e ".[export]"'
 Opset = Annotated[int, Range(18, what="an ONNX opset")]
 
 
-def missing_extra() -> list[str]:
-    """The packages of the ``export`` extra that cannot be imported (found without importing them)."""
-    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
+def missing_extra(extra: str = "export") -> list[str]:
+    """The packages of ``extra`` that cannot be imported (found without importing them)."""
+    return [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
 
 
-def require_extra(what: str) -> None:
-    """A one-line ``ConfigError`` naming ``what`` needs the extra, when a package of it is missing."""
-    missing = missing_extra()
+def require_extra(what: str, extra: str = "export") -> None:
+    """A one-line ``ConfigError`` naming ``what`` needs ``extra``, when a package of it is missing."""
+    missing = missing_extra(extra)
     if missing:
-        raise ConfigError(f"{what} needs the export extra ({', '.join(missing)} missing): {INSTALL}")
+        install = f'pip install -e ".[{extra}]"'
+        raise ConfigError(f"{what} needs the {extra} extra ({', '.join(missing)} missing): {install}")
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def model_entries(conf_dir: Path = CONF_DIR) -> dict[str, dict]:
 def measure_entry(name: str, node: dict, input_shape: Sequence[int], num_classes: int) -> Row:
     """Instantiate one zoo entry as a run would, and measure it."""
     target = str(node.get("_target_", ""))
-    label = f"{name} ({node['name']})" if "name" in node else name
+    label = f"{name} ({node['name']})" if node.get("name") else name
     row = Row(label, target.rsplit(".", 1)[-1])
     if (tuple(input_shape), num_classes) == BENCHMARK_GEOMETRY:
         row.published = PUBLISHED_PARAMS.get(name)

@@ -85,6 +85,25 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of a fixed-seed stratified train/val/test split of ``labels``: ``val_fraction`` and
+    ``test_fraction`` of the samples (0: that split is not cut, its indices are empty)."""
+    labels = np.asarray(labels)
+    index, none = np.arange(len(labels)), np.arange(0)
+    holdout = val_fraction + test_fraction
+    if holdout == 0:
+        return index, none, none
+    train_idx, rest_idx = train_test_split(index, test_size=holdout, stratify=labels, random_state=seed)
+    if val_fraction == 0 or test_fraction == 0:
+        return (train_idx, rest_idx, none) if test_fraction == 0 else (train_idx, none, rest_idx)
+    val_idx, test_idx = train_test_split(
+        rest_idx, test_size=test_fraction / holdout, stratify=labels[rest_idx], random_state=seed
+    )
+    return train_idx, val_idx, test_idx
+
+
 @checked
 class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     """Base class of the built-in datamodules: train/val/test splits held as tensors, served
@@ -253,12 +272,7 @@ class ArrayDataModule(InMemoryDataModule):
         """Stratified train/val/test split of ``load_arrays()``, normalised with statistics of
         the training split only, so nothing leaks from val/test."""
         x, y = self.load_arrays()
-        index = np.arange(len(y))
-        holdout = self.val_fraction + self.test_fraction
-        train_idx, rest_idx = train_test_split(index, test_size=holdout, stratify=y, random_state=self.split_seed)
-        val_idx, test_idx = train_test_split(
-            rest_idx, test_size=self.test_fraction / holdout, stratify=y[rest_idx], random_state=self.split_seed
-        )
+        train_idx, val_idx, test_idx = stratified_split(y, self.val_fraction, self.test_fraction, self.split_seed)
         x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y, dtype=torch.long)
         if self.normalize:
