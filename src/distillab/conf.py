@@ -96,3 +96,8 @@ def resolved(node: Any) -> Any:
 
 def _is_interpolation(node: Any) -> bool:
     return hasattr(node, "_is_interpolation") and node._is_interpolation()
+
+
+def no_compression(node: Any) -> bool:
+    """``compress=none``: a compress node with neither ``_target_`` (one method) nor ``steps`` (a chain)."""
+    return node is None or (not node.get("_target_") and not node.get("steps"))

@@ -15,14 +15,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distillab import settings
-from distillab.conf import plain
+from distillab.conf import no_compression, plain
 from distillab.settings import ConfigError
 from distillab.steps import export
 
 __all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "validate"]
 
 #: the run's own nodes, and the settings dataclass that declares each
-RUN = "distillab.pipeline.RunSettings"
+RUN = "distillab.steps.plan.RunSettings"
 NODES = {
     "trainer": "distillab.training.TrainerSettings",
     "measure": "distillab.measure.MeasureSettings",
@@ -32,8 +32,12 @@ NODES = {
 }
 #: keys of the teacher and student nodes that belong to the role, beside the architecture's,
 #: with the settings dataclass of each role
-ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
-ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
+ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight"), "teacher_assistant": ("recipe",)}
+ROLES = {
+    "teacher": "distillab.steps.teacher.training.TeacherRole",
+    "student": "distillab.distill.transfer.StudentRole",
+    "teacher_assistant": "distillab.steps.teacher.assistant.AssistantRole",
+}
 COMPRESS = "distillab.compress.CompressSettings"
 COMPRESS_KEYS = ("target", "finetune_epochs", "amount", "max_acc_drop", "cycles", "steps")
 #: the run's compress keys a node may leave out, and what their absence means (no accuracy budget,
@@ -43,7 +47,19 @@ OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
 MODEL_PROVIDED = ("input_shape", "num_classes")
 COMPRESSOR_PROVIDED = ("model", "context")
 #: nodes whose contents are checked by what builds them (Lightning, Hydra, torch.optim)
-FREE = ("data", "teacher", "student", "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
+FREE = (
+    "data",
+    "teacher",
+    "student",
+    "teacher_assistant",
+    "distill",
+    "compress",
+    "optim",
+    "logger",
+    "callbacks",
+    "paths",
+    "hydra",
+)
 #: Hydra keys of a ``_target_`` node that are not the object's settings
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
@@ -98,7 +114,7 @@ def check_role(role: str, node: DictConfig) -> None:
 
 def check_compress(node: DictConfig) -> None:
     """``compress``: the run's keys (target, fine-tuning epochs, amount), then the method's or each step's."""
-    if not node.get("_target_") and not node.get("steps"):
+    if no_compression(node):
         extra = [key for key in node.keys() if key != "amount"]
         if extra:
             raise ConfigError(f"compress.{extra[0]} is not a known key; compress=none has only: amount")
