@@ -47,19 +47,7 @@ OPTIONAL_COMPRESS_KEYS = {"max_acc_drop": None, "cycles": 1}
 MODEL_PROVIDED = ("input_shape", "num_classes")
 COMPRESSOR_PROVIDED = ("model", "context")
 #: nodes whose contents are checked by what builds them (Lightning, Hydra, torch.optim)
-FREE = (
-    "data",
-    "teacher",
-    "student",
-    "teacher_assistant",
-    "distill",
-    "compress",
-    "optim",
-    "logger",
-    "callbacks",
-    "paths",
-    "hydra",
-)
+FREE = ("data", *ROLE_KEYS, "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
 #: Hydra keys of a ``_target_`` node that are not the object's settings
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
