@@ -18,6 +18,7 @@ not deployed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import sys
@@ -98,12 +99,14 @@ def time_method(method: str, epochs: int, threads: int) -> tuple[float, str, int
         fitting = ClockedFitting(pipeline._fitting(cfg, parts), clock)
         beside = sum(p.numel() for p in parts.method.parameters())
         if cotrains(parts.method):
-            fitted = fit.cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, None, epochs)
+            schedule = dataclasses.replace(parts.plan.schedule, checkpoint_dir=None, max_epochs=epochs)
+            fitted = fit.cotrain(parts.peers, parts.method, parts.data, fitting, schedule)
             beside += sum(p.numel() for peer in parts.peers[1:] for p in peer.parameters())
         else:
             teacher = cache.Teacher(parts.teacher.eval(), "benchmark", "file", Path(folder))
+            schedule = dataclasses.replace(parts.plan.schedule, checkpoint_dir=None, max_epochs=epochs, seed=0)
             fitted = fit.distill(
-                parts.student, parts.method, teacher, parts.data, cfg, fitting, "student", None, epochs, 0
+                parts.student, parts.method, teacher, parts.data, fitting, schedule, parts.plan.teaching
             )
     return statistics.median(clock.seconds[1:]), fitted.mode, beside
 

@@ -179,6 +179,8 @@ def test_dml_student_compresses_with_kd_fine_tuning(make_cfg):
         (["distill=online", "teacher_assistant=cnn"], "teacher_assistant=cnn is not allowed with distill=online"),
         (["distill=none", "teacher_assistant=cnn"], "teacher_assistant=cnn is not allowed with distill=none"),
         (["teacher_assistant=bogus"], "teacher_assistant: 'bogus' is not a model option; allowed: "),
+        (["teacher_assistant=cnn", "teacher_assistant.width=0"], "teacher_assistant.width"),
+        (["teacher_assistant=cnn", "teacher_assistant.recipe.max_epochs=0"], "teacher_assistant.recipe.max_epochs"),
     ],
 )
 def test_what_cannot_go_together_fails_before_training(overrides, message, make_cfg, tmp_path):
@@ -196,6 +198,16 @@ def test_teacher_file_is_refused_with_online(make_cfg, tmp_path):
 
 
 # -- teacher assistant ------------------------------------------------------------------------------
+def test_teacher_assistant_is_a_model_node_with_its_own_recipe(make_cfg):
+    cfg = make_cfg("teacher_assistant=cnn", "teacher_assistant.width=16", "teacher_assistant.recipe.max_epochs=2")
+    helper, model = pipeline.prepare(cfg).assistant
+    assert helper.option == "cnn" and helper.node.width == 16
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _model("cnn", width=16).parameters())
+    assert helper.node.recipe.max_epochs == 2 and cfg.teacher.recipe.max_epochs != 2  # its own, when set
+    assert helper.node.recipe.seed == cfg.teacher.recipe.seed  # else the teacher's
+    assert pipeline.prepare(make_cfg()).assistant is None  # teacher_assistant=none, the default
+
+
 def test_teacher_assistant_is_distilled_once_and_cached(make_cfg, tmp_path):
     cache = tmp_path / "shared"
     first = pipeline.run(make_cfg("teacher_assistant=cnn", "teacher.width=48", out=tmp_path / "a", cache=cache))

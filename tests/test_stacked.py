@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distillab import measure, stacked
+import distillab
+from distillab import measure
 from distillab.data import DigitsDataModule
 from distillab.distill.methods.dkd import DecoupledKD
 from distillab.distill.methods.kd import KD
@@ -21,6 +22,7 @@ from distillab.stacked import model as model_module
 from distillab.stacked.loss import StackedLoss
 from distillab.stacked.model import StackedModel, why_not_stackable
 from distillab.stacked.optim import StackedOptimizer
+from distillab.steps.handoff import Handoff
 from tests.conftest import CONF
 
 SEEDS, LAMS, TEMPERATURES, LRS = (0, 1, 2), (0.0, 0.5, 1.0), (1.0, 2.0, 4.0), (1e-3, 5e-3, 1e-2)
@@ -219,12 +221,10 @@ def test_architecture_measurements_are_shared_and_weight_measurements_are_not(mo
     assert len(calls) == 6
 
 
-def test_a_job_without_a_handoff_gets_no_stack_fields(tmp_path) -> None:
-    assert stacked.fields(tmp_path) == {}
-    stacked.hand_over(tmp_path, stacked.Handoff(None, None, "cached", 0.0, 1.0, "g", 3))
-    assert stacked.fields(tmp_path / ".") == {"launcher": "stacked", "stack": {"group": "g", "size": 3}}
-    stacked.release(tmp_path)
-    assert stacked.handoff(tmp_path) is None
+def test_a_handed_over_job_gets_its_groups_stack_fields() -> None:
+    record: dict = {}
+    Handoff(None, None, "cached", 0.0, 1.0, "g", 3).complete(record)
+    assert record == {"launcher": "stacked", "stack": {"group": "g", "size": 3}}  # no timing_s: nothing added
 
 
 def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(tmp_path) -> None:
@@ -232,13 +232,24 @@ def test_a_jobs_total_counts_what_its_group_spent_for_it_before_the_job_started(
 
     teacher = Teacher(torch.nn.Identity(), "k", "miss", tmp_path, seconds=2.0)
     record = {"timing_s": {"teacher": 2.5, "student": 1.0, "compress": 0.0, "total": 0.25}}
-    stacked.hand_over(tmp_path, stacked.Handoff(None, None, "cached", 0.5, 1.0, "g", 3, teacher))
-    stacked.complete(tmp_path, record)  # the fit's share 1.0, the table 0.5 and the teacher 2.0
+    Handoff(None, None, "cached", 0.5, 1.0, "g", 3, teacher).complete(record)  # fit 1.0, table 0.5, teacher 2.0
     assert record["timing_s"]["total"] == 3.75 and record["stack"] == {"group": "g", "size": 3}
-    stacked.hand_over(tmp_path, stacked.Handoff(None, None, "cached", 0.0, 1.0, "g", 3, None))
-    stacked.complete(tmp_path, record)  # a later job: its share of the fit only
+    Handoff(None, None, "cached", 0.0, 1.0, "g", 3, None).complete(record)  # a later job: its share of the fit only
     assert record["timing_s"]["total"] == 4.75
-    stacked.release(tmp_path)
+
+
+def test_nothing_below_the_entry_points_imports_the_launcher() -> None:
+    import ast
+    from pathlib import Path
+
+    package = Path(distillab.__file__).parent
+    entry = {package / "cli.py", *(package / "stacked").rglob("*.py")}
+    for path in sorted(set(package.rglob("*.py")) - entry):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n == "distillab.stacked" or n.startswith("distillab.stacked.") for n in names), path
 
 
 def test_only_the_first_job_of_a_group_reports_the_teacher_it_trained(tmp_path) -> None:
@@ -325,14 +336,12 @@ def test_a_group_is_trained_and_handed_to_its_jobs(tmp_path) -> None:
     jobs = _jobs(tmp_path)
     members = group.train(jobs, launch.as_job)
     assert [m.job.num for m in members] == [0, 1]
-    handoffs = [stacked.handoff(job.out) for job in jobs]
+    handoffs = [m.handoff for m in members]
     assert all(h is not None and h.size == 2 and h.trained.error is None for h in handoffs)
     assert handoffs[0].group == handoffs[1].group and handoffs[0].mode == "cached"
     assert handoffs[0].parts.data is not handoffs[1].parts.data  # each its own shuffle_seed ...
     assert handoffs[0].parts.data.splits is handoffs[1].parts.data.splits  # ... over the same tensors
     assert [h.parts.data.shuffle_seed for h in handoffs] == [0, 1]
-    for job in jobs:
-        stacked.release(job.out)
 
 
 def test_a_group_that_fails_to_train_together_runs_one_after_another(tmp_path, monkeypatch, caplog) -> None:
@@ -344,8 +353,7 @@ def test_a_group_that_fails_to_train_together_runs_one_after_another(tmp_path, m
     monkeypatch.setattr(fit.GroupFit, "run", unsupported)
     jobs = _jobs(tmp_path)
     with caplog.at_level("WARNING"):
-        assert group.train(jobs, launch.as_job) == []
-    assert all(stacked.handoff(job.out) is None for job in jobs)
+        assert group.train(jobs, launch.as_job) == []  # no member trained: no job is handed anything
     assert "could not train together (RuntimeError: vmap: an operator without a batching rule)" in caplog.text
 
 
@@ -356,4 +364,4 @@ def test_methods_that_train_more_than_the_student_run_one_after_another(tmp_path
     with caplog.at_level("INFO"):
         assert group.train(jobs, launch.as_job) == []  # decided before any teacher is trained
     assert "jobs #0, #1 run one after another: distill=fitnet trains more than the student" in caplog.text
-    assert all(stacked.handoff(job.out) is None for job in jobs) and not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists()

@@ -44,22 +44,28 @@ def sweeps(tmp_path_factory) -> dict:
 
 
 def test_every_job_agrees_with_its_basic_run(sweeps) -> None:
+    """The launcher promises the basic job's fit up to floating-point rounding: every epoch's
+    validation accuracy within two images, and the checkpoint chosen by the same rule (the first
+    epoch of the job's own best validation accuracy). Where the curve is flat, rounding may move
+    that epoch (another CPU's kernels round differently), so the chosen epochs are not compared."""
     root = sweeps["root"]
     stacked_jobs = 0
     for k in range(8):
         basic, stacked = results.read(root / "basic" / str(k)), results.read(root / "stacked" / str(k))
         assert stacked["status"] == "ok" and stacked["overrides"] == basic["overrides"]
-        assert abs(stacked["student"]["test"]["acc"] - basic["student"]["test"]["acc"]) <= 2 * ONE_IMAGE + 1e-9
         curves = _curve(root / "basic" / str(k)), _curve(root / "stacked" / str(k))
         assert len(curves[0]) == len(curves[1]) == 6
         assert max(abs(a - b) for a, b in zip(*curves)) <= 2 * ONE_IMAGE + 1e-9
+        for record, curve in zip((basic, stacked), curves):
+            assert record["student"]["best_epoch"] == curve.index(max(curve))
+        if basic["student"]["best_epoch"] == stacked["student"]["best_epoch"]:  # the same epoch's student
+            assert abs(stacked["student"]["test"]["acc"] - basic["student"]["test"]["acc"]) <= 2 * ONE_IMAGE + 1e-9
         assert stacked["config_hash"] == basic["config_hash"]
         extra = set(stacked) - set(basic)
         if stacked.get("launcher") == "stacked":
             stacked_jobs += 1
             assert extra == {"launcher", "stack"} and stacked["stack"]["size"] == 3
             assert stacked["student"]["params"] == basic["student"]["params"]
-            assert stacked["student"]["best_epoch"] == basic["student"]["best_epoch"]
             ckpt = torch.load(root / "stacked" / str(k) / "checkpoints" / "best.ckpt", weights_only=True)
             assert ckpt["epoch"] == stacked["student"]["best_epoch"]
             assert set(ckpt["state_dict"]) == set(

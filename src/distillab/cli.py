@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -141,8 +142,9 @@ def check_launcher(overrides: list[str], config_dir: Path = CONF_DIR, config_nam
         settings.check("hydra.launcher", {k: v for k, v in values.items() if k != "_target_"}, target)
 
 
-def run_job(cfg: DictConfig) -> float:
-    """One Hydra job: run it, and turn its failure into one line and an exit code.
+def run_job(cfg: DictConfig, handoff: Any = None) -> float:
+    """One Hydra job: run it, and turn its failure into one line and an exit code. ``handoff``: what
+    the stacked launcher trained for the job (``steps.handoff.Handoff``), passed on to the run.
 
     Bad input exits with 2 (nothing written); a failed run with 1, after its results.json
     recorded the error. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Returns the
@@ -153,7 +155,7 @@ def run_job(cfg: DictConfig) -> float:
     from distillab import pipeline
 
     try:
-        record = pipeline.run(cfg)
+        record = pipeline.run(cfg, handoff=handoff)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         remove_empty_run(Path(str(cfg.paths.output_dir)))

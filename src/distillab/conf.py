@@ -25,8 +25,12 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 #: keys of the teacher and student nodes that belong to the role, beside the architecture's, and the
 #: settings dataclass that declares them
-ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight")}
-ROLES = {"teacher": "distillab.steps.teacher.training.TeacherRole", "student": "distillab.distill.transfer.StudentRole"}
+ROLE_KEYS = {"teacher": ("ckpt_path", "recipe"), "student": ("init", "init_weight"), "teacher_assistant": ("recipe",)}
+ROLES = {
+    "teacher": "distillab.steps.teacher.training.TeacherRole",
+    "student": "distillab.distill.transfer.StudentRole",
+    "teacher_assistant": "distillab.steps.teacher.assistant.AssistantRole",
+}
 #: what the run passes to a model itself (vocab_size: to a text model, which declares it)
 MODEL_PROVIDED = ("input_shape", "num_classes", "vocab_size")
 #: keys of a compress node that belong to the run (``CompressSettings``), not to the method
@@ -119,6 +123,11 @@ def resolved(node: Any) -> Any:
 
 def _is_interpolation(node: Any) -> bool:
     return hasattr(node, "_is_interpolation") and node._is_interpolation()
+
+
+def no_compression(node: Any) -> bool:
+    """``compress=none``: a compress node with neither ``_target_`` (one method) nor ``steps`` (a chain)."""
+    return node is None or (not node.get("_target_") and not node.get("steps"))
 
 
 # a job started in a new process (a SLURM job unpickles the task function) never runs train.py's

@@ -15,14 +15,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distillab import settings
-from distillab.conf import COMPRESS_KEYS, MODEL_PROVIDED, OPTIONAL_COMPRESS_KEYS, ROLE_KEYS, ROLES, plain
+from distillab.conf import (
+    COMPRESS_KEYS,
+    MODEL_PROVIDED,
+    OPTIONAL_COMPRESS_KEYS,
+    ROLE_KEYS,
+    ROLES,
+    no_compression,
+    plain,
+)
 from distillab.settings import ConfigError
 from distillab.steps import export
 
 __all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "ROLES", "validate"]
 
 #: the run's own nodes, and the settings dataclass that declares each
-RUN = "distillab.pipeline.RunSettings"
+RUN = "distillab.steps.plan.RunSettings"
 NODES = {
     "trainer": "distillab.training.TrainerSettings",
     "measure": "distillab.measure.MeasureSettings",
@@ -34,7 +42,7 @@ COMPRESS = "distillab.compress.CompressSettings"
 #: what the run passes to a compressor itself
 COMPRESSOR_PROVIDED = ("model", "context")
 #: nodes whose contents are checked by what builds them (Lightning, Hydra, torch.optim)
-FREE = ("data", "teacher", "student", "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
+FREE = ("data", *ROLE_KEYS, "distill", "compress", "optim", "logger", "callbacks", "paths", "hydra")
 #: Hydra keys of a ``_target_`` node that are not the object's settings
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
@@ -89,7 +97,7 @@ def check_role(role: str, node: DictConfig) -> None:
 
 def check_compress(node: DictConfig) -> None:
     """``compress``: the run's keys (target, fine-tuning epochs, amount), then the method's or each step's."""
-    if not node.get("_target_") and not node.get("steps"):
+    if no_compression(node):
         extra = [key for key in node.keys() if key != "amount"]
         if extra:
             raise ConfigError(f"compress.{extra[0]} is not a known key; compress=none has only: amount")

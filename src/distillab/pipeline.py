@@ -1,9 +1,11 @@
 """One run: obtain the teacher → train the student → compress → measure → write results.json.
 
-``run(cfg)`` tells the story; each step hands the part it calls the config node it needs and
-gets back what the part decided. Everything that can be checked without training (values,
-models, layer paths, the method's output, the compression) is checked first, in ``prepare``,
-so bad input fails with one line and leaves nothing behind. The config is never edited.
+``run(cfg)`` tells the story. Preparing a run reads the config once into a typed plan
+(``steps.plan``); each step hands the part it calls the values or the config node it needs and
+gets back what the part decided; only the config hash and the loggers see the whole config.
+Everything that can be checked without training (values, models, layer paths, the method's
+output, the compression) is checked first, in ``prepare``, so bad input fails with one line and
+leaves nothing behind. The config is never edited.
 """
 
 from __future__ import annotations
@@ -21,19 +23,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillab import build, job, loggers, results, slots, stacked, training
-from distillab.conf import resolved
+from distillab import build, job, loggers, results, slots, training
 from distillab.config import ConfigError, validate
 from distillab.data import adapter
-from distillab.distill import cotraining, transfer
+from distillab.distill import transfer
 from distillab.distill.methods import base as method_contract
-from distillab.measure import MeasureSettings
-from distillab.settings import Count, Seed
-from distillab.settings import build as settings_of
-from distillab.steps import assembly, compression, export, fit, resume
+from distillab.steps import assembly, compression, export, fit, peers, plan, resume
+from distillab.steps.handoff import Handoff
 from distillab.steps.teacher import assistant, cache, ensemble, outputs
 from distillab.steps.teacher import training as teacher_training
-from distillab.steps.teacher.ensemble import EnsembleSettings
+from distillab.steps.teacher.assistant import KEY
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +44,11 @@ warnings.filterwarnings("ignore", message=r".*(does not have many workers|smalle
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """The run's own keys; ``teachers``, ``teacher_assistant``: ``conf/model`` options (ensemble, assistant)."""
-
-    seed: Seed
-    num_threads: Count | None
-    rerun: bool
-    teachers: list[str] | None
-    teacher_assistant: str | None
-
-
 @dataclasses.dataclass
 class Parts:
     """What a run is made of, all built (and so checked) before any training."""
 
-    settings: RunSettings
+    plan: plan.Plan
     data: Any  # any LightningDataModule
     info: adapter.DataInfo
     student: nn.Module
@@ -70,12 +58,13 @@ class Parts:
     names: dict[str, str]  # the run's choice per group: distill, compress, teacher, student
     out: Path
     peers: list[nn.Module] = dataclasses.field(default_factory=list)  # a co-training cohort, student first
-    assistant: tuple[DictConfig, nn.Module] | None = None  # a teacher assistant's node and model
+    assistant: tuple[assistant.Assistant, nn.Module] | None = None  # a teacher assistant and its model
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]:
-    """Run one experiment and return its results (also written to results.json).
+def run(cfg: DictConfig, raise_on_failure: bool | None = None, handoff: Handoff | None = None) -> dict[str, Any]:
+    """Run one experiment and return its results (also written to results.json). ``handoff``: the
+    job's built parts and trained student, from a launcher that trained it with its group.
 
     A bad configuration raises ``ConfigError`` before anything is written. A later failure (NaN loss,
     a crash) is recorded as ``status: failed`` with a one-line error, then re-raised for a single run
@@ -85,9 +74,9 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
     start, out = time.perf_counter(), Path(cfg.paths.output_dir)
     try:
         validate(cfg)
-        settings = run_settings(cfg)
+        settings = plan.run_settings(cfg)
         slots.configure_job(cfg.trainer, settings.num_threads)  # threads and GPU slot in a parallel sweep
-        handoff, key = stacked.handoff(out), results.config_hash(cfg)  # a stacked group's member: resumed there
+        key = results.config_hash(cfg)  # a stacked group's member was resumed by its group
         done = None if handoff else resume.start(out, key, settings.rerun, cfg.get("logger"), job.is_multirun())
         if done is not None:
             return done
@@ -95,7 +84,7 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
             torch.set_num_threads(settings.num_threads)
         # before any model is built: the student's initial weights depend on the seed only
         pl.seed_everything(settings.seed, workers=True, verbose=False)
-        record = execute(cfg, handoff.parts if handoff else prepare(cfg, settings), start)
+        record = execute(cfg, handoff.parts if handoff else prepare(cfg, settings), start, handoff)
     except Exception as error:  # noqa: BLE001 - every failure is recorded, then re-raised or logged
         # bad input of a single run leaves nothing behind; in a sweep the report lists it
         if raise_on_failure and isinstance(error, ConfigError):
@@ -109,72 +98,78 @@ def run(cfg: DictConfig, raise_on_failure: bool | None = None) -> dict[str, Any]
     return record
 
 
-def run_settings(cfg: DictConfig) -> RunSettings:
-    return _settings(
-        RunSettings, {key: cfg[key] for key in ("seed", "num_threads", "rerun", "teachers", "teacher_assistant")}
-    )
-
-
-def prepare(cfg: DictConfig, settings: RunSettings | None = None, data: Any = None) -> Parts:
+def prepare(cfg: DictConfig, settings: plan.RunSettings | None = None, data: Any = None) -> Parts:
     """Build the data (unless given, already built), the models and the method; try each on one batch."""
-    settings = settings or run_settings(cfg)
+    the = plan.make(cfg, settings)
     data = build.part("data", cfg.data) if data is None else data
-    info = adapter.prepare(data, settings.seed)
+    info = adapter.prepare(data, the.run.seed)
     log.info("data %s", info.description)
     teacher_training.check_data(data, cfg.teacher.recipe)
     student, method = build.model("student", cfg.student, info), build.part("distill", cfg.distill)
-    names = {group: _name(group, cfg[group]) for group in ("distill", "compress", "teacher", "student")}
-    cotraining.check(cfg, method, names["distill"])
+    names = {group: plan.name(group, cfg[group]) for group in ("distill", "compress", "teacher", "student")}
+    option, dirs, file = plan.assistant_option(cfg.teacher_assistant), job.config_dirs(), cfg.teacher.ckpt_path
+    clashes = {"teachers": cfg.teachers, "teacher.ckpt_path": file, "student.init": the.student.init}
+    peers.check(method, names["distill"], clashes | {KEY: option}, the.teaching.outputs.cache, the.target)
     make = lambda role: build.model(role, cfg[role], info)  # noqa: E731 - the other peers, fresh
-    peers = cotraining.build_peers(method, student, make) if method_contract.cotrains(method) else []
-    helper = assistant.check(cfg, method, names["distill"], job.config_dirs())
-    target, members, mixing = compress_target(cfg), settings.teachers or [], _settings(EnsembleSettings, cfg.ensemble)
+    cohort = peers.build(method, student, make) if method_contract.cotrains(method) else []
+    helper = None
+    if option is not None:
+        node = assistant.check(cfg[KEY], option, method, names["distill"], cfg.teachers, the.target, dirs)
+        helper = assistant.Assistant(node, option, cfg.data, cfg.distill, file)
+    members = the.run.teachers or []
     feature = names["distill"] if method_contract.is_feature_method(method) else None
-    init_from_teacher = cfg.student.init is not None and target != "teacher"
-    ensemble.check(
-        members, mixing, feature, cfg.teacher.ckpt_path, target == "teacher", init_from_teacher, job.config_dirs()
-    )
-    nodes = ensemble.member_nodes(members, cfg.teacher, job.config_dirs()) if members else [cfg.teacher]
+    init_from_teacher = the.student.init is not None and the.target != "teacher"
+    ensemble.check(members, the.ensemble, feature, file, the.target == "teacher", init_from_teacher, dirs)
+    nodes = ensemble.member_nodes(members, cfg.teacher, dirs) if members else [cfg.teacher]
     if members:
         models = [build.teacher(node, info) for node in nodes]
-        teacher: nn.Module = ensemble.build(models, members, mixing, method_contract.temperature(method))
+        teacher: nn.Module = ensemble.build(models, members, the.ensemble, method_contract.temperature(method))
     else:
         teacher = build.teacher(cfg.teacher, info)
-        if cfg.teacher.ckpt_path:  # a file that is not this teacher's state_dict fails now
-            cache.load_checkpoint_file(copy.deepcopy(teacher), cfg.teacher.ckpt_path)
+        if file:  # a file that is not this teacher's state_dict fails now
+            cache.load_checkpoint_file(copy.deepcopy(teacher), file)
     example = adapter.example(data)
-    pair = (helper, build.teacher(helper, info)) if helper is not None else None
+    pair = (helper, build.teacher(helper.node, info)) if helper is not None else None
     source = pair[1] if pair else teacher  # whom the student learns from: the assistant when there is one
     if method_contract.is_feature_method(method):
         # layers are resolved and regressors built from one batch now: a wrong path fails first
         size = adapter.train_size(data) if method_contract.needs_index(method) else None
         method.bind(student, source if method_contract.needs_teacher(method) else None, example, train_size=size)
     method_contract.check_method(method, student, source, example)
-    outputs.decide(_settings(outputs.OutputSettings, cfg.teacher_outputs), data, method)
+    outputs.decide(the.teaching.outputs, data, method)
     if init_from_teacher:
         transfer.check(student, source, (names["student"], names["teacher"]))
-    if target is not None:
-        model = student if target == "student" else teacher
+    if the.target is not None:
+        model = student if the.target == "student" else teacher
         compression.dry_run(cfg.compress, names["compress"], model, data, info.input_shape)
     out = Path(cfg.paths.output_dir)
-    return Parts(settings, data, info, student, teacher, nodes, method, names, out, peers, pair)
+    return Parts(the, data, info, student, teacher, nodes, method, names, out, cohort, pair)
 
 
-def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
+def execute(cfg: DictConfig, parts: Parts, start: float, handoff: Handoff | None = None) -> dict[str, Any]:
     """Obtain the teacher, train the student, compress, measure, write results.json."""
-    fitting = _fitting(cfg, parts)
+    the, fitting = parts.plan, _fitting(cfg, parts)
     together = method_contract.cotrains(parts.method)
-    teacher = None if together else stacked.teacher(parts.out) or obtain_teacher(cfg, parts, fitting)
+    teacher = None if together else (handoff and handoff.teacher) or obtain_teacher(cfg, parts, fitting)
     helper = None
     if parts.assistant is not None:
-        helper = assistant.obtain(cfg, *parts.assistant, parts.data, teacher, fitting)
+        helper = assistant.obtain(*parts.assistant, parts.data, teacher, fitting, the.teaching, cfg.paths.cache_dir)
     timing = {"teacher": sum(t.seconds for t in (teacher, helper) if t), "student": 0.0, "compress": 0.0}
-    student, best_epoch, init, run_loggers, mode = None, None, None, [], "none"
+    models = assembly.Models(teacher, student_arch=parts.names["student"], assistant=helper)
+    run_loggers, init = [], None
     # compressing the teacher is a baseline without a student: "a smaller teacher" vs "a student"
-    if compress_target(cfg) != "teacher":
-        fitted, init, cotrained = fit.student(cfg, parts, helper or teacher, fitting)
-        teacher = cotrained or teacher
-        student, best_epoch, run_loggers, mode = parts.student, fitted.best_epoch, fitted.loggers, fitted.mode
+    if the.target != "teacher":
+        fitted, init, cotrained = fit.student(parts, helper or teacher, fitting, the.student, handoff)
+        roles = method_contract.peer_roles(parts.method)
+        models = dataclasses.replace(
+            models,
+            teacher=cotrained or teacher,
+            student=parts.student,
+            best_epoch=fitted.best_epoch,
+            outputs=fitted.mode,
+            peers=[(parts.names[role], peer) for role, peer in zip(roles, parts.peers)],
+        )
+        run_loggers = fitted.loggers
         timing["teacher"] += fitted.table_seconds
         timing["student"] = fitted.seconds
     if not job.is_rank_zero():
@@ -182,45 +177,29 @@ def execute(cfg: DictConfig, parts: Parts, start: float) -> dict[str, Any]:
         # distributed fit; compression, measurement and results.json are rank 0's
         log.info("rank %d: training done; rank 0 compresses, measures and writes results", job.rank())
         return {"status": "ok", "rank": job.rank()}
-    compressed = None
-    if compress_target(cfg) is not None:
+    how = dataclasses.asdict(the.measure)
+    if the.target is not None:
         tick = time.perf_counter()
-        compressed = compress(cfg, parts, student if student is not None else teacher.model, fitting)
+        model = models.student if models.student is not None else models.teacher.model
+        models = dataclasses.replace(models, compressed=compress(cfg, parts, model, fitting))
         timing["compress"] = time.perf_counter() - tick
-    header = assembly.header(
-        cfg,
-        job.overrides(),
-        parts.settings.seed,
-        parts.info.name,
-        parts.data,
-        parts.names["distill"] if student is not None else "none",
-        parts.names["compress"],
-    )
-    how = dataclasses.asdict(_settings(MeasureSettings, cfg.measure))
-    record = assembly.assemble(
-        header,
-        teacher,
-        student,
-        parts.names["student"],
-        best_epoch,
-        compressed,
-        parts.data,
-        parts.info,
-        how,
-        mode,
-        Path(cfg.paths.root_dir),
-        assistant=helper,
-        peers=[(parts.names[r], peer) for r, peer in zip(method_contract.peer_roles(parts.method), parts.peers)],
-    )
+    method = parts.names["distill"] if models.student is not None else "none"
+    names = {"dataset": parts.info.name, "method": method, "compress": parts.names["compress"]}
+    header = assembly.header(results.hashes(cfg), job.overrides(), the.run.seed, parts.data, names)
+    record = assembly.assemble(header, models, parts.data, parts.info, how, Path(cfg.paths.root_dir))
     if "student" in record:
         # regressors and embeddings of feature methods train with the student but are not deployed
         record["student"]["extra_params"] = sum(p.numel() for p in parts.method.parameters())
         if init is not None:
             record["student"]["init"] = init
-    record |= export.run(cfg.get("export"), student, compressed, parts.data, parts.info.input_shape, how, parts.out)
+    exported = export.run(
+        cfg.get("export"), models.student, models.compressed, parts.data, parts.info.input_shape, how, parts.out
+    )
+    record |= exported
     timing["total"] = time.perf_counter() - start
     record["timing_s"] = {key: round(value, 3) for key, value in timing.items()}
-    stacked.complete(parts.out, record)  # a stacked job: its group's fields and its share of the group's fit
+    if handoff is not None:  # a stacked job: its group's fields and its share of the group's fit
+        handoff.complete(record)
     path = results.write(parts.out, record)
     log.info("\n%s", results.summary_table(record))
     log.info("results written to %s", path)
@@ -241,55 +220,22 @@ def obtain_teacher(cfg: DictConfig, parts: Parts, fitting: training.Fitting | No
         found = obtain(parts.teacher, cfg.teacher, "teacher")
         found.arch = parts.names["teacher"]
         return found
-    return ensemble.obtain(
-        parts.teacher,
-        parts.teacher_nodes,
-        _settings(EnsembleSettings, cfg.ensemble),
-        lambda model, node, name: obtain(model, node, f"teacher-{name}"),
-    )
+    obtain_member = lambda model, node, name: obtain(model, node, f"teacher-{name}")  # noqa: E731
+    return ensemble.obtain(parts.teacher, parts.teacher_nodes, parts.plan.ensemble, obtain_member)
 
 
 def compress(cfg: DictConfig, parts: Parts, model: nn.Module, fitting: training.Fitting) -> compression.CompressedRun:
     """Step 6: compress ``model``, fine-tuning with the run's method, optimizer and trainer."""
-    role = str(cfg.compress.target)
-    finetuning = compression.Finetuning(
-        lambda: method_contract.for_finetuning(build.part("distill", cfg.distill)), cfg.optim, fitting
-    )
+    role, how = parts.plan.target, dataclasses.asdict(parts.plan.measure)
+    method = lambda: method_contract.for_finetuning(build.part("distill", cfg.distill))  # noqa: E731
+    finetuning = compression.Finetuning(method, cfg.optim, fitting)
+    name, shape = parts.names["compress"], parts.info.input_shape
     return compression.run(
-        cfg.compress,
-        parts.names["compress"],
-        role,
-        parts.names[role],
-        model,
-        parts.data,
-        parts.info.input_shape,
-        finetuning,
-        parts.out,
-        dataclasses.asdict(_settings(MeasureSettings, cfg.measure)),
+        cfg.compress, name, role, parts.names[role], model, parts.data, shape, finetuning, parts.out, how
     )
 
 
 # -- building blocks ----------------------------------------------------------------------------------
-def compress_target(cfg: DictConfig) -> str | None:
-    """Which model step 6 compresses: ``student``, ``teacher``, or None for ``compress=none``."""
-    return None if not (cfg.compress.get("_target_") or cfg.compress.get("steps")) else str(cfg.compress.target)
-
-
-def _name(group: str, node: DictConfig) -> str:
-    """The option chosen for ``group`` (``distill=kd`` → kd); an architecture by its name (``cnn``,
-    ``torchvision:resnet18``); outside Hydra, the name of what the node builds."""
-    if group in ("teacher", "student"):
-        return cache.arch_name(node, job.choice(group))
-    if not node.get("_target_") and not node.get("steps"):
-        return "none"
-    return job.choice(group) or str(node.get("_target_")).rsplit(".")[-1]
-
-
-def _settings(kind: type, node: Any) -> Any:
-    """The settings dataclass ``kind`` from a config node, with its interpolations resolved."""
-    return settings_of(kind, resolved(node))
-
-
 def _fitting(cfg: DictConfig, parts: Parts) -> training.Fitting:
     return training.Fitting(cfg.trainer, cfg.get("callbacks"), parts.out, lambda role: _loggers(cfg, role))
 

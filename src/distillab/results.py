@@ -51,11 +51,19 @@ def config_hash(cfg: DictConfig) -> str:
     return _digest(_hashed(cfg))
 
 
+def hashes(cfg: DictConfig) -> dict[str, Any]:
+    """What results.json says of the whole config: ``config_hash``, ``setting_hashes``, ``split_seed``."""
+    return {"config_hash": config_hash(cfg), "setting_hashes": setting_hashes(cfg), "split_seed": split_seed(cfg)}
+
+
 def _hashed(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         container.pop(key, None)
     container.get("trainer", {}).pop("enable_progress_bar", None)
+    assistant = container.get("teacher_assistant")
+    if isinstance(assistant, dict) and not assistant.get("_target_"):
+        container["teacher_assistant"] = None  # no assistant: hashed as before its node had recipe keys
     return container
 
 

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from distillab import measure
+from distillab import conf, measure
 from distillab.conf import COMPRESS_KEYS as PIPELINE_KEYS
 from distillab.conf import OPTIONAL_COMPRESS_KEYS
 from distillab.settings import AccuracyDrop, ConfigError, Count, Fraction, NonNegativeCount
@@ -107,7 +107,7 @@ class CompressSettings:
 
 def is_none(node: Any) -> bool:
     """True for ``compress=none``: a node with neither ``_target_`` nor ``steps``."""
-    return node is None or (not node.get("_target_") and not node.get("steps"))
+    return conf.no_compression(node)
 
 
 def methods(cfg: DictConfig) -> list[functools.partial]:

@@ -57,9 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from distillab.compress import Compressed, Context, mixed, val_accuracy
+from distillab.formats import Opset, require_extra, to_onnx
 from distillab.io import atomic_write_bytes
 from distillab.settings import AccuracyDrop, ConfigError, Count, checked
-from distillab.steps.export import Opset, require_extra, to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _prepare(model: nn.Module, context: Context, opset: int, ops: Sequence[str],
     try:
         exported = to_onnx(model, context.input_shape, opset=opset, exporter="dynamo")
     except Exception as error:  # noqa: BLE001 - any exporter failure is the same mistake, in one line
-        from distillab.steps.export import one_line
+        from distillab.formats import one_line
 
         raise ConfigError(f"{method} cannot export {type(model).__name__} to ONNX: {one_line(error)}") from None
     path = folder / "float.onnx"

@@ -5,22 +5,18 @@ Every peer is a registered child of the module, so all of them are in the optimi
 checkpoint and DDP's gradient buckets, and all of them train (the frozen-teacher rule of
 ``DistillationModule`` is not for them: here the teacher learns by design). The checkpoint is
 chosen on peer 0's validation accuracy, the student's; the other peers are restored from the same
-epoch and measured there. Each peer's validation accuracy is logged as ``val/peer<k>/acc``.
+epoch and measured there. Each peer's validation accuracy is logged as ``val/peer<k>/acc``. The
+run's cohort is built and checked in ``steps.peers``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from distillab.distill.methods.base import cotrains, peer_roles
 from distillab.distill.module import ClassifierModule, _unpack
-from distillab.settings import ConfigError
-from distillab.steps.teacher import cache
 
 
 class CoTrainingModule(ClassifierModule):
@@ -57,42 +53,3 @@ class CoTrainingModule(ClassifierModule):
             seen = torch.stack([n for _, n in self._peer_val]).sum().float()
             self.log_dict({f"val/peer{k}/acc": value for k, value in enumerate(correct / seen)}, sync_dist=True)
         self._peer_val = []
-
-
-def build_peers(method: nn.Module, student: nn.Module, make: Any) -> list[nn.Module]:
-    """The cohort: ``student`` as peer 0, then ``make(role)`` for each other peer's role."""
-    return [student] + [make(role) for role in peer_roles(method)[1:]]
-
-
-def check(cfg: DictConfig, method: nn.Module, name: str) -> None:
-    """What a co-training run cannot take, in one line, before any training."""
-    if not cotrains(method):
-        return
-    roles = set(peer_roles(method)) - {"student", "teacher"}
-    if roles:
-        raise ConfigError(f"distill={name}: peer roles must be student or teacher, got {sorted(roles)}")
-    clashes = {
-        "teachers": (cfg.get("teachers"), "trains its peers from scratch; an ensemble of cached teachers"),
-        "teacher.ckpt_path": (cfg.teacher.get("ckpt_path"), "trains the teacher from scratch; a teacher file"),
-        "student.init": (cfg.student.get("init"), "starts every peer from scratch; starting from the teacher"),
-        "teacher_assistant": (cfg.get("teacher_assistant"), "has no pre-trained teacher; an assistant"),
-    }
-    for key, (value, why) in clashes.items():
-        if value:
-            raise ConfigError(
-                f"{key}={value} is not allowed with distill={name}, which {why} has no use: set {key}=null"
-            )
-    if str(cfg.teacher_outputs.get("cache")) == "cached":
-        raise ConfigError(
-            f"teacher_outputs.cache=cached is not allowed with distill={name}: its teacher changes at every "
-            "step, so no table of its outputs exists; use auto or live"
-        )
-    if cfg.compress.get("target") == "teacher" and (cfg.compress.get("_target_") or cfg.compress.get("steps")):
-        raise ConfigError(f"compress.target=teacher is not allowed with distill={name}: compress the student")
-
-
-def as_teacher(peers: list[nn.Module], method: nn.Module, names: dict[str, str], out: Path) -> cache.Teacher:
-    """Peer 1, the peer the student learned from (the co-trained teacher of ``online``), in the
-    place of the teacher in results: no cache entry was read or written for it."""
-    arch = names[peer_roles(method)[1]]
-    return cache.Teacher(peers[1].eval(), "", "cotrained", out, arch=arch)

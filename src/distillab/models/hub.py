@@ -41,7 +41,7 @@ a failed download several times; ``HF_HUB_OFFLINE=1`` makes it fail at once.
 
 timm is optional: ``pip install -e ".[timm]"``.
 
-Every user error is a :class:`~distillab.config.ConfigError` whose one-line message starts with
+Every user error is a :class:`~distillab.settings.ConfigError` whose one-line message starts with
 ``<option>=<value>:``, so a run reports it as ``student.<option>=<value>: ...``.
 """
 

@@ -1,5 +1,5 @@
 """One group of the stacked launcher: its members prepared as their own jobs would prepare them,
-checked, trained together, and handed over to their jobs (``distillab.stacked.handoff``).
+checked, trained together, each with what its job takes over (``steps.handoff.Handoff``).
 
 Each member is prepared under its own job's context, after seeding with its seed, by the same
 ``pipeline.prepare`` as a basic job: so its student starts from the weights its basic job would
@@ -22,15 +22,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from distillab import pipeline, results, slots, stacked
-from distillab.conf import resolved
+from distillab import pipeline, results, slots
 from distillab.config import validate
 from distillab.data.base import InMemoryDataModule
 from distillab.distill.methods.base import cotrains, is_feature_method, needs_index, needs_teacher
 from distillab.results import config_hash
-from distillab.settings import build as settings_of
 from distillab.stacked import fit, model, optim, plan
 from distillab.steps import resume
+from distillab.steps.handoff import Handoff
+from distillab.steps.plan import run_settings
 from distillab.steps.teacher import outputs
 from distillab.steps.teacher.training import scheduler_factory
 
@@ -42,11 +42,12 @@ class Prepared:
     job: Any  # launch.Job
     task: Any  # its task config
     parts: Any  # pipeline.Parts
+    handoff: Handoff | None = None  # what its job takes over, once the group has trained
 
 
 def train(group: list, as_job: Callable) -> list[Prepared]:
-    """Train the members of ``group`` (``launch.Job``s) that can train together and hand each its
-    outcome; return the members trained."""
+    """Train the members of ``group`` (``launch.Job``s) that can train together; return the members
+    trained, each with its ``handoff`` for its job."""
     members: list[Prepared] = []
     for job in group:
         # the group's jobs share one data config: it is built once, each member reads its own copy
@@ -76,7 +77,7 @@ def train(group: list, as_job: Callable) -> list[Prepared]:
             _fit(members[start : start + cap], shared)
     except Exception as error:  # noqa: BLE001 - the jobs still run, one after another, and report their own errors
         for member in members:
-            stacked.release(member.job.out)
+            member.handoff = None
         first = str(error).splitlines()[0] if str(error) else ""
         log.warning(
             "stacked: jobs %s could not train together (%s: %s); they run one after another",
@@ -105,22 +106,21 @@ class Shared:
 def _shared(cfg: Any, parts: Any) -> Shared:
     """The teacher obtained (from the cache, or trained now) and its outputs, as the first member's
     job would obtain them."""
-    accelerator = str(cfg.trainer.accelerator)
+    teaching, schedule = parts.plan.teaching, parts.plan.schedule
     teacher = None
     if needs_teacher(parts.method):
         teacher = pipeline.obtain_teacher(cfg, parts)
-        taught = settings_of(outputs.OutputSettings, resolved(cfg.teacher_outputs))
-        given = outputs.for_run(taught, accelerator, teacher, parts.data, parts.method)
-        device = outputs.compute_device(accelerator, teacher.model)
+        given = outputs.for_run(teaching.outputs, teaching.accelerator, teacher, parts.data, parts.method)
+        device = outputs.compute_device(teaching.accelerator, teacher.model)
         live = teacher.model if given.table is None else None
     else:
         given, live = outputs.TeacherOutputs("none", "the method reads no teacher"), None
-        device = outputs.compute_device(accelerator, parts.student)
-    return Shared(teacher, given, live, device, scheduler_factory(cfg.optim), int(cfg.trainer.max_epochs))
+        device = outputs.compute_device(teaching.accelerator, parts.student)
+    return Shared(teacher, given, live, device, scheduler_factory(schedule.optim), schedule.max_epochs)
 
 
 def _fit(members: list[Prepared], shared: Shared) -> None:
-    """Train ``members`` together and hand each its outcome."""
+    """Train ``members`` together and give each its handoff."""
     group_id = hashlib.sha256(" ".join(m.job.out for m in members).encode()).hexdigest()[:12]
     log.info(
         "stacked: group %s trains %d jobs together (%s): %s differ",
@@ -130,7 +130,7 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
         ", ".join(plan.differing([m.task for m in members])) or "nothing",
     )
     stack = [
-        fit.Member(m.parts.student, m.parts.method, instantiate(m.task.optim.optimizer), m.parts.settings.seed)
+        fit.Member(m.parts.student, m.parts.method, instantiate(m.task.optim.optimizer), m.parts.plan.run.seed)
         for m in members
     ]
     given = shared.given
@@ -140,7 +140,7 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
     log.info("stacked: group %s trained in %.1f s (%.2f s per job)", group_id, seconds, seconds / len(members))
     for index, (member, outcome) in enumerate(zip(members, trained)):
         first = index == 0 and not shared.reported
-        handoff = stacked.Handoff(
+        member.handoff = Handoff(
             member.parts,
             outcome,
             given.mode,
@@ -150,7 +150,6 @@ def _fit(members: list[Prepared], shared: Shared) -> None:
             len(members),
             _teacher_as_reported(shared.teacher, first),
         )
-        stacked.hand_over(member.job.out, handoff)
     shared.reported = True  # a later part of a group split by memory reuses what this part obtained
 
 
@@ -172,7 +171,7 @@ def _prepare(job: Any, as_job: Callable, data: Any) -> Prepared | None:
     with as_job(job) as task:
         try:
             validate(task)
-            settings = pipeline.run_settings(task)
+            settings = run_settings(task)
             slots.configure_job(task.trainer, settings.num_threads)
             key = config_hash(task)
             if not settings.rerun and results.completed(job.out, key) is not None:
@@ -202,9 +201,9 @@ def why_not(members: list[Prepared]) -> str | None:
         return f"distill={parts.names['distill']} trains more than the student (features, peers or its own parameters)"
     if parts.assistant is not None:
         return "a teacher assistant is distilled first"
-    if task.student.init:
+    if parts.plan.student.init:
         return "student.init transfers the teacher's weights per job"
-    if pipeline.compress_target(task) == "teacher":
+    if parts.plan.target == "teacher":
         return "compress.target=teacher trains no student"
     return model.why_not_stackable([m.parts.student for m in members]) or optim.why_not_stackable(
         [instantiate(m.task.optim.optimizer) for m in members]

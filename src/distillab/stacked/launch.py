@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -106,14 +107,16 @@ def launch(
 def run_group(
     context: HydraContext, task_function: TaskFunction, config: DictConfig, group: list[Job]
 ) -> list[JobReturn]:
-    """Train ``group``'s students together when it can be stacked, then run each of its jobs."""
-    from distillab import measure, stacked
+    """Train ``group``'s students together when it can be stacked, then run each of its jobs: a job
+    its group trained by ``cli.run_job`` with its handoff, the others by ``task_function``."""
+    from distillab import cli, measure
     from distillab.stacked import group as training
 
     for job in group:
         log.info("\t#%d : %s", job.num, " ".join(filter_overrides(job.overrides)))
+    handoffs = {}
     if len(group) > 1:
-        training.train(group, as_job)
+        handoffs = {member.job.out: member.handoff for member in training.train(group, as_job)}
     else:
         log.info(
             "stacked: job #%d runs on its own: no other job shares its configuration (within max_stack)", group[0].num
@@ -121,14 +124,15 @@ def run_group(
     runs = []
     with measure.shared_profiles():  # what depends on the architecture only is measured once per group
         for job in group:
+            handoff = handoffs.pop(job.out, None)  # the job's models and data are freed when it ends
             ret = run_job(
                 hydra_context=context,
-                task_function=task_function,
+                task_function=task_function if handoff is None else functools.partial(cli.run_job, handoff=handoff),
                 config=job.config,
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
-            stacked.release(job.out)
+            del handoff
             runs.append(ret)
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return runs

@@ -3,18 +3,36 @@ checkpoint, and measured; ``results`` holds the schema, the hashes and the file,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from distillab.results import config_hash, environment, group_of, setting_hashes, split_seed
+from distillab.results import environment, group_of
 
 
-def header(
-    config: DictConfig, overrides: list[str], seed: int, dataset: str, data: Any, method: str, compress: str
-) -> dict[str, Any]:
-    """The top of results.json: what ran (the composed ``config``, its ``overrides``), with which data."""
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The models a run reports. ``teacher``: a ``teacher.cache.Teacher``; ``student`` the trained
+    student (None when the teacher was compressed), ``student_arch`` its architecture and
+    ``best_epoch`` its chosen epoch; ``outputs``: how it got the teacher's logits; ``compressed``: a
+    ``steps.compression.CompressedRun`` or None; ``assistant``: the teacher assistant the student
+    learned from (a ``Teacher``); ``peers``: the (architecture, model) of every peer of a co-training
+    run, peer 0 the student."""
+
+    teacher: Any
+    student: Any = None
+    student_arch: str = ""
+    best_epoch: int | None = None
+    outputs: str = "none"
+    compressed: Any = None
+    assistant: Any = None
+    peers: Sequence[tuple[str, Any]] = ()
+
+
+def header(hashes: dict[str, Any], overrides: list[str], seed: int, data: Any, names: dict[str, str]) -> dict[str, Any]:
+    """The top of results.json: what ran (the config's ``results.hashes``, the job's ``overrides``),
+    with which data (``names``: its dataset, the method and the compression)."""
     labelled = (
         {"labelled_fraction": data.labelled_fraction, "labelled_samples": int(data.labelled_mask().sum())}
         if hasattr(data, "labelled_mask")
@@ -22,54 +40,44 @@ def header(
     )
     return {
         "status": "ok",
-        "config_hash": config_hash(config),
-        "setting_hashes": setting_hashes(config),
+        "config_hash": hashes["config_hash"],
+        "setting_hashes": hashes["setting_hashes"],
         "group": group_of(overrides),
         "overrides": overrides,
         "seed": seed,
-        "split_seed": split_seed(config),
-        "dataset": dataset,
+        "split_seed": hashes["split_seed"],
+        "dataset": names["dataset"],
         **labelled,
-        "method": method,
-        "compress": compress,
+        "method": names["method"],
+        "compress": names["compress"],
     }
 
 
 def assemble(
-    header: dict[str, Any],
-    teacher: Any,
-    student: Any,
-    student_arch: str,
-    best_epoch: int | None,
-    compressed: Any,
-    data: Any,
-    info: Any,
-    how: dict[str, Any],
-    outputs: str,
-    root_dir: Path,
-    assistant: Any = None,
-    peers: list[tuple[str, Any]] = (),
+    header: dict[str, Any], models: Models, data: Any, info: Any, how: dict[str, Any], root_dir: Path
 ) -> dict[str, Any]:
-    """A run's record: ``header`` (what ran), then every model evaluated on the test split, once, for
-    its chosen checkpoint, and measured (``how``: the measure settings). ``teacher`` is a
-    ``teacher.cache.Teacher``, ``compressed`` a ``steps.compression.CompressedRun`` or None, ``info``
-    the data's ``DataInfo``; ``outputs`` says how the student got the teacher's logits.
-    ``assistant``: the teacher assistant the student learned from (a ``Teacher``); ``peers``: the
-    (architecture, model) of every peer of a co-training run, peer 0 the student."""
+    """A run's record: ``header`` (what ran), then every one of ``models`` evaluated on the test
+    split of ``data``, once, for its chosen checkpoint, and measured (``how``: the measure settings;
+    ``info``: the data's ``DataInfo``)."""
     shape, classes = info.input_shape, info.num_classes
+    teacher, student, compressed = models.teacher, models.student, models.compressed
     data.setup("test")
-    teacher_part, teacher_preds = teacher_block(teacher, data.test_dataloader(), classes, shape, how, outputs)
+    teacher_part, teacher_preds = teacher_block(teacher, data.test_dataloader(), classes, shape, how, models.outputs)
     record = {**header, "test_samples": len(teacher_preds), "teacher": teacher_part}
     if teacher.members:
         record["teachers"] = [teacher_block(m, data.test_dataloader(), classes, shape, how)[0] for m in teacher.members]
-    if assistant is not None:
-        block, _ = teacher_block(assistant, data.test_dataloader(), classes, shape, how, outputs)
-        record["teacher_assistant"] = {**block, "best_epoch": assistant.metrics.get("best_epoch")}
+    if models.assistant is not None:
+        block, _ = teacher_block(models.assistant, data.test_dataloader(), classes, shape, how, models.outputs)
+        record["teacher_assistant"] = {**block, "best_epoch": models.assistant.metrics.get("best_epoch")}
     if student is not None:
         block = model_block(student, data.test_dataloader(), data.val_dataloader(), classes, shape, teacher_preds, how)
-        record["student"] = {"arch": student_arch, **with_drops(block, teacher=teacher_part), "best_epoch": best_epoch}
+        record["student"] = {
+            "arch": models.student_arch,
+            **with_drops(block, teacher=teacher_part),
+            "best_epoch": models.best_epoch,
+        }
         record["ratios"] = ratios(record["student"], teacher_part)
-    if peers:
+    if models.peers:
         record["peers"] = [
             {
                 "peer": k,
@@ -79,7 +87,7 @@ def assemble(
                     teacher=teacher_part,
                 ),
             }
-            for k, (arch, m) in enumerate(peers)
+            for k, (arch, m) in enumerate(models.peers)
         ]
         record["kept_peer"] = 0
     if compressed is not None:

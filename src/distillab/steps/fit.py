@@ -18,14 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from distillab import io, stacked, training
-from distillab.conf import resolved
+from distillab import io, training
 from distillab.data import adapter
 from distillab.distill import transfer
-from distillab.distill.cotraining import CoTrainingModule, as_teacher
+from distillab.distill.cotraining import CoTrainingModule
 from distillab.distill.methods.base import cotrains, needs_index, needs_teacher
 from distillab.distill.module import DistillationModule
-from distillab.settings import build as settings_of
+from distillab.steps import peers
+from distillab.steps.handoff import Handoff, checkpoint
 from distillab.steps.teacher import cache, outputs
 from distillab.steps.teacher.training import scheduler_factory
 
@@ -39,27 +39,41 @@ class Fitted:
     seconds: float  # the fit itself
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How one fit runs: its ``optim`` node (optimizer and scheduler), epochs and seed, where its
+    checkpoints go, and the role it logs as."""
+
+    optim: DictConfig
+    max_epochs: int
+    seed: int
+    checkpoint_dir: Path | None
+    role: str = "student"
+    single_process: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Teaching:
+    """How a distilled model gets its teacher's logits: the run's ``teacher_outputs`` settings and
+    the trainer's accelerator."""
+
+    outputs: outputs.OutputSettings
+    accelerator: str
+
+
 def distill(
     model: nn.Module,
     method: nn.Module,
     teacher: cache.Teacher,
     data: Any,
-    cfg: DictConfig,
     fitting: training.Fitting,
-    role: str,
-    checkpoint_dir: Path | None,
-    max_epochs: int,
-    seed: int,
-    optim: DictConfig | None = None,
-    single_process: bool = False,
+    schedule: Schedule,
+    teaching: Teaching,
 ) -> Fitted:
     """Train ``model`` in place with ``method`` against the frozen ``teacher`` (its outputs from the
-    cached table when the run's ``teacher_outputs`` allow), by ``optim`` (the run's ``optim`` when
-    None), seeded with ``seed``, logging as ``role``."""
-    taught = settings_of(outputs.OutputSettings, resolved(cfg.teacher_outputs))
-    optim = optim if optim is not None else cfg.optim
-    given = outputs.for_run(taught, str(cfg.trainer.accelerator), teacher, data, method)
-    pl.seed_everything(seed, workers=True, verbose=False)  # a cache miss drew random numbers
+    cached table when ``teaching`` allows), as ``schedule`` says."""
+    given = outputs.for_run(teaching.outputs, teaching.accelerator, teacher, data, method)
+    pl.seed_everything(schedule.seed, workers=True, verbose=False)  # a cache miss drew random numbers
     tick = time.perf_counter()
     live = teacher.model if needs_teacher(method) and given.table is None else None
     module = DistillationModule(
@@ -67,57 +81,60 @@ def distill(
         live,
         method,
         teacher_table=given.table,
-        optimizer=instantiate(optim.optimizer),
-        scheduler=scheduler_factory(optim),
+        optimizer=instantiate(schedule.optim.optimizer),
+        scheduler=scheduler_factory(schedule.optim),
     )
-    fit, run_loggers = fitting.trainer_for(role, checkpoint_dir, max_epochs, single_process=single_process)
+    fit, run_loggers = fitting.trainer_for(
+        schedule.role, schedule.checkpoint_dir, schedule.max_epochs, single_process=schedule.single_process
+    )
     fit.fit(module, **adapter.fit_arguments(data, indexed=given.table is not None or needs_index(method)))
     best = training.restore_best(module, fit)
     return Fitted(best, run_loggers, given.mode, given.seconds, time.perf_counter() - tick)
 
 
 def cotrain(
-    peers: list[nn.Module],
-    method: nn.Module,
-    data: Any,
-    optim: DictConfig,
-    fitting: training.Fitting,
-    checkpoint_dir: Path | None,
-    max_epochs: int,
+    peers: list[nn.Module], method: nn.Module, data: Any, fitting: training.Fitting, schedule: Schedule
 ) -> Fitted:
     """Train ``peers`` together with the co-training ``method``; all are restored from the epoch
     that is best for peer 0, the student."""
     tick = time.perf_counter()
+    optim = schedule.optim
     module = CoTrainingModule(peers, method, optimizer=instantiate(optim.optimizer), scheduler=scheduler_factory(optim))
-    fit, run_loggers = fitting.trainer_for("student", checkpoint_dir, max_epochs)
+    fit, run_loggers = fitting.trainer_for("student", schedule.checkpoint_dir, schedule.max_epochs)
     fit.fit(module, **adapter.fit_arguments(data, indexed=False))
     best = training.restore_best(module, fit)
     return Fitted(best, run_loggers, "cotrained", 0.0, time.perf_counter() - tick)
 
 
 def student(
-    cfg: DictConfig, parts: Any, source: cache.Teacher | None, fitting: training.Fitting
+    parts: Any,
+    source: cache.Teacher | None,
+    fitting: training.Fitting,
+    role: transfer.StudentRole,
+    handoff: Handoff | None = None,
 ) -> tuple[Fitted, dict[str, Any] | None, cache.Teacher | None]:
-    """The run's student fit (``parts``: the ``pipeline.Parts``): distilled from ``source`` (the
-    teacher, or its assistant), after ``student.init`` when set; or, with a co-training method,
-    trained with its peers. Returns the fit, the weight transfer's report, and for co-training the
-    peer that stands in the teacher's place."""
-    checkpoints, epochs = parts.out / "checkpoints", int(cfg.trainer.max_epochs)
-    handoff = stacked.handoff(parts.out)
+    """The run's student fit (``parts``: the ``pipeline.Parts``, whose ``schedule`` and ``teaching``
+    it follows): distilled from ``source`` (the teacher, or its assistant), after ``role.init`` when
+    set; or, with a co-training method, trained with its peers; a member of a stacked group
+    (``handoff``) as its group trained it. Returns the fit, the weight transfer's report, and for
+    co-training the peer that stands in the teacher's place."""
     if handoff is not None:  # trained with its group by hydra/launcher=stacked
-        return taken_over(handoff, parts.student, fitting, checkpoints), None, None
+        return taken_over(handoff, parts.student, fitting, parts.plan.schedule.checkpoint_dir), None, None
     if cotrains(parts.method):
-        fitted = cotrain(parts.peers, parts.method, parts.data, cfg.optim, fitting, checkpoints, epochs)
-        return fitted, None, as_teacher(parts.peers, parts.method, parts.names, parts.out)
+        fitted = cotrain(parts.peers, parts.method, parts.data, fitting, parts.plan.schedule)
+        return fitted, None, peers.as_teacher(parts.peers, parts.method, parts.names, parts.out)
     init = None
-    if cfg.student.init:
+    if role.init:
         names = (parts.names["student"], source.arch or parts.names["teacher"])
-        init = transfer.apply(parts.student, source.model, cfg.student.init_weight, names)
-    args = (parts.data, cfg, fitting, "student", checkpoints, epochs, parts.settings.seed)
-    return distill(parts.student, parts.method, source, *args), init, None
+        init = transfer.apply(parts.student, source.model, role.init_weight, names)
+    return (
+        distill(parts.student, parts.method, source, parts.data, fitting, parts.plan.schedule, parts.plan.teaching),
+        init,
+        None,
+    )
 
 
-def taken_over(handoff: stacked.Handoff, model: nn.Module, fitting: training.Fitting, checkpoint_dir: Path) -> Fitted:
+def taken_over(handoff: Handoff, model: nn.Module, fitting: training.Fitting, checkpoint_dir: Path) -> Fitted:
     """A member of a stacked group, trained with its group, finished as its own fit would have
     ended: the best weights loaded into ``model`` and saved as ``checkpoint_dir/best.ckpt``, the
     metrics of every epoch logged to the job's loggers at the steps Lightning logs them."""
@@ -125,9 +142,9 @@ def taken_over(handoff: stacked.Handoff, model: nn.Module, fitting: training.Fit
     if trained.error is not None:
         raise FloatingPointError(trained.error)
     model.load_state_dict(trained.state)
-    checkpoint = stacked.checkpoint(trained.state, trained.best_epoch, trained.best_step)
+    best = checkpoint(trained.state, trained.best_epoch, trained.best_step)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_save(checkpoint_dir / "best.ckpt", lambda handle: torch.save(checkpoint, handle))
+    io.atomic_save(checkpoint_dir / "best.ckpt", lambda handle: torch.save(best, handle))
     run_loggers = fitting.loggers("student")
     for step, metrics in trained.history:
         for logger in run_loggers:
