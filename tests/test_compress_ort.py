@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from distillab import conf, measure, pipeline, results
 from distillab.compress import PIPELINE_KEYS, Context, ort
 from distillab.data import TensorBatches
+from distillab.formats import to_onnx
 from distillab.models import CNN, MLP
 from distillab.settings import ConfigError
-from distillab.steps.export import to_onnx
 from tests.conftest import fit_on_digits
 
 SHAPE = (1, 8, 8)

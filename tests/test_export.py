@@ -19,9 +19,9 @@ from torch import nn
 from distillab import conf, formats, pipeline, results, settings
 from distillab.compress import PIPELINE_KEYS, SHARED, Context, quantize
 from distillab.config import ConfigError
+from distillab.formats import ExportSettings
 from distillab.models import CNN, MLP
 from distillab.steps import export
-from distillab.steps.export import ExportSettings
 
 SHAPE = (1, 8, 8)
 QUICK = ["measure.warmup=1", "measure.repeats=3"]
@@ -56,10 +56,10 @@ def _session_logits(path, x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("option", ["none", "onnx", "torchscript"])
 def test_every_option_holds_every_setting_and_the_code_none(option):
     values = OmegaConf.to_container(conf.load("export", option))
-    settings.check("export", values, "distillab.steps.export.ExportSettings")
+    settings.check("export", values, "distillab.formats.ExportSettings")
     assert set(values) == {f.name for f in dataclasses.fields(ExportSettings)}
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(ExportSettings))
-    export.check(values)
+    formats.check_export(values)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_bad_export_settings_are_one_line_before_any_work(make_cfg, tmp_path, ov
 def test_torchscript_takes_no_onnx_settings():
     values = OmegaConf.to_container(conf.load("export", "torchscript"))
     with pytest.raises(ConfigError, match=r"^export.opset=20 is not allowed with export.format=torchscript: null"):
-        export.check({**values, "opset": 20})
+        formats.check_export({**values, "opset": 20})
 
 
 def test_a_missing_onnx_package_is_one_line_before_training(make_cfg, tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_a_missing_onnx_package_is_one_line_before_training(make_cfg, tmp_path, 
         'export.format=onnx needs the export extra (onnxscript missing): pip install -e ".[export]"'
     )
     assert not (tmp_path / "cache").exists() and not list(tmp_path.rglob("results.json"))
-    export.check(OmegaConf.to_container(conf.load("export", "torchscript")))  # TorchScript needs none of it
+    formats.check_export(OmegaConf.to_container(conf.load("export", "torchscript")))  # TorchScript needs none of it
 
 
 def test_export_none_adds_nothing():

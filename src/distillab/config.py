@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillab import settings
+from distillab import formats, settings
 from distillab.conf import (
     COMPRESS_KEYS,
     MODEL_PROVIDED,
@@ -25,7 +25,6 @@ from distillab.conf import (
     plain,
 )
 from distillab.settings import ConfigError
-from distillab.steps import export
 
 __all__ = ["ConfigError", "MODEL_PROVIDED", "NODES", "ROLE_KEYS", "ROLES", "validate"]
 
@@ -36,7 +35,7 @@ NODES = {
     "measure": "distillab.measure.MeasureSettings",
     "teacher_outputs": "distillab.steps.teacher.outputs.OutputSettings",
     "ensemble": "distillab.steps.teacher.ensemble.EnsembleSettings",
-    "export": "distillab.steps.export.ExportSettings",
+    "export": "distillab.formats.ExportSettings",
 }
 COMPRESS = "distillab.compress.CompressSettings"
 #: what the run passes to a compressor itself
@@ -59,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
         if key in cfg:
             settings.check(key, plain(cfg[key]), target)
     if "export" in cfg:  # what a format needs beyond the types: its settings and packages
-        export.check(plain(cfg.export))
+        formats.check_export(plain(cfg.export))
     if "trainer" in cfg and cfg.trainer.get("sync_batchnorm") is True and cfg.trainer.get("accelerator") == "cpu":
         raise ConfigError(
             "trainer.sync_batchnorm=True is not allowed: false with accelerator=cpu "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -17,8 +18,8 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from distillab.settings import ConfigError, Range
 
@@ -155,3 +156,36 @@ def one_line(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(cause).__name__}: {first}"[:300]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """``export``: the format the run's models are written in after the run, and which ones.
+
+    ``format``: onnx, torchscript, or null (no export). ``exporter``: how ONNX is written, ``dynamo``
+    (torch's default) or ``torchscript`` (the older TorchScript-based exporter, deprecated by torch);
+    null with format torchscript. ``opset``: the ONNX opset asked of the exporter; null with format
+    torchscript. ``models``: which of ``student`` and ``compressed`` are exported.
+    """
+
+    format: Literal["onnx", "torchscript"] | None
+    exporter: Literal["dynamo", "torchscript"] | None
+    opset: Opset | None
+    models: list[Literal["student", "compressed"]]
+
+
+def check_export(values: Mapping[str, Any] | None) -> None:
+    """The ``export`` node's values (plain Python) beyond their types: the settings a format needs,
+    and the ONNX packages for ``format=onnx``. Runs with the config checks, before any training."""
+    if not values or values.get("format") is None:
+        return
+    fmt = values["format"]
+    for key in ("exporter", "opset"):
+        value = values.get(key)
+        if fmt == "onnx" and value is None:
+            allowed = "one of dynamo, torchscript" if key == "exporter" else "an ONNX opset >= 18"
+            raise ConfigError(f"export.{key}=None is not allowed with export.format=onnx: {allowed}")
+        if fmt == "torchscript" and value is not None:
+            raise ConfigError(f"export.{key}={value!r} is not allowed with export.format=torchscript: null (ONNX only)")
+    if fmt == "onnx":
+        require_extra("export.format=onnx")

@@ -28,58 +28,23 @@ torch is imported and before any training.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from distillab.formats import Opset, one_line, quiet, require_extra, to_onnx, to_torchscript
+from distillab.formats import ExportSettings, one_line, quiet, to_onnx, to_torchscript
 from distillab.io import atomic_write_bytes
-from distillab.settings import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ExportSettings", "check", "export_model", "load", "run"]
+__all__ = ["export_model", "load", "run"]
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportSettings:
-    """``export``: the format the run's models are written in after the run, and which ones.
-
-    ``format``: onnx, torchscript, or null (no export). ``exporter``: how ONNX is written, ``dynamo``
-    (torch's default) or ``torchscript`` (the older TorchScript-based exporter, deprecated by torch);
-    null with format torchscript. ``opset``: the ONNX opset asked of the exporter; null with format
-    torchscript. ``models``: which of ``student`` and ``compressed`` are exported.
-    """
-
-    format: Literal["onnx", "torchscript"] | None
-    exporter: Literal["dynamo", "torchscript"] | None
-    opset: Opset | None
-    models: list[Literal["student", "compressed"]]
-
-
 # -- before any work ---------------------------------------------------------------------------------
-
-
-def check(values: Mapping[str, Any] | None) -> None:
-    """The ``export`` node's values (plain Python) beyond their types: the settings a format needs,
-    and the ONNX packages for ``format=onnx``. Runs with the config checks, before any training."""
-    if not values or values.get("format") is None:
-        return
-    fmt = values["format"]
-    for key in ("exporter", "opset"):
-        value = values.get(key)
-        if fmt == "onnx" and value is None:
-            allowed = "one of dynamo, torchscript" if key == "exporter" else "an ONNX opset >= 18"
-            raise ConfigError(f"export.{key}=None is not allowed with export.format=onnx: {allowed}")
-        if fmt == "torchscript" and value is not None:
-            raise ConfigError(f"export.{key}={value!r} is not allowed with export.format=torchscript: null (ONNX only)")
-    if fmt == "onnx":
-        require_extra("export.format=onnx")
 
 
 # -- writing one model ---------------------------------------------------------------------------------
