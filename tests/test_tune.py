@@ -79,7 +79,7 @@ def test_a_failed_trial_returns_minus_infinity_which_optuna_records_as_the_worst
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     memory = optuna.create_study(direction="maximize")
     for told in (value, 0.5):
-        memory.tell(memory.ask(), told)  # NaN here would raise, and end the sweeper's study
+        memory.tell(memory.ask(), told)  # NaN here would be a failed trial, not counted in n_trials
     assert [t.state for t in memory.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert memory.best_value == 0.5
 

@@ -147,8 +147,8 @@ def run_job(cfg: DictConfig) -> float:
     Bad input exits with 2 (nothing written); a failed run with 1, after its results.json
     recorded the error. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Returns the
     objective a Hydra sweeper maximises (see ``objective``), -inf for a failed job of a sweep:
-    the Optuna sweeper (optuna 2.10) stops the whole study when told NaN, while -inf is recorded
-    as the worst trial and tuning goes on.
+    Optuna records NaN as a failed trial, which ``n_trials`` does not count, while -inf is
+    recorded as the worst complete trial and tuning goes on.
     """
     from distillab import pipeline
 
