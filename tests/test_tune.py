@@ -553,3 +553,56 @@ def test_a_study_on_postgresql_is_shared_by_two_machines_and_continued(real_stud
         assert searched(job) == trial.params
     tune(sweeps[0], root / "cache", *extra[:1], f"hydra.sweeper.n_trials={len(complete) + 1}", *extra[2:])
     assert [t.state.name for t in trials(postgres)] == ["COMPLETE"] * (len(complete) + 1)
+
+
+@needs_optuna
+def test_a_trial_whose_process_is_gone_is_failed_and_enqueued_again(tmp_path) -> None:
+    """By its heartbeat (another machine's trial) or, on this machine, by its process id at once;
+    a trial whose process still runs is left alone while its heartbeat is fresh."""
+    import optuna
+
+    settings = study.study_settings(
+        direction="maximize",
+        storage=None,
+        study_name="s",
+        n_trials=3,
+        n_jobs=1,
+        max_failure_rate=0.0,
+        heartbeat_interval=1,
+        grace_period=2,
+    )
+    url = study.storage_url(None, tmp_path)
+    storage = study.open_storage(url, settings)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    shared = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    remote, gone, alive = study.ask(shared, storage, 3)
+    for trial in (remote, gone, alive):
+        trial.suggest_float("distill.lam", 0, 1)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study_id = storage.get_study_id_from_name("s")
+    owners = {remote: ("elsewhere", 1), gone: (socket.gethostname(), int(finished.stdout)), alive: None}
+    for trial, owner in owners.items():
+        if owner is not None:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_system_attr(trial_id, study.OWNER_HOST, owner[0])
+            storage.set_trial_system_attr(trial_id, study.OWNER_PID, owner[1])
+    assert study.retry_dead_trials(shared, storage) == [gone.number]  # the remote one still has a fresh heartbeat
+    time.sleep(2.5)
+    assert study.retry_dead_trials(shared, storage) == [remote.number, alive.number]  # no heartbeat for 2 s
+    by_number = {t.number: t for t in shared.get_trials(deepcopy=False)}
+    assert [by_number[t.number].state.name for t in (remote, gone, alive)] == ["FAIL"] * 3
+    waiting = [t for t in by_number.values() if t.state.name == "WAITING"]
+    assert [t.user_attrs[study.RETRY_OF] for t in waiting] == [gone.number, remote.number, alive.number]
+    enqueued = [by_number[t.number].params for t in (gone, remote, alive)]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == enqueued
+
+
+def test_an_optuna_older_than_4_is_one_line_with_the_install_command(monkeypatch) -> None:
+    monkeypatch.setattr(study.metadata, "version", lambda name: "2.10.1")
+    with pytest.raises(ConfigError, match=r"^hydra/sweeper=optuna needs Optuna 4 or later, found 2\.10\.1: pip"):
+        study.require_optuna()
+
+
+def test_the_sweepers_keys_pass_the_command_line_check_with_another_launcher() -> None:
+    # the preset chooses the sweeper: its keys are known when the launcher's are checked
+    cli.check_command_line(["sweep=tune_kd", "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"])  # no exit

@@ -209,7 +209,10 @@ def check_command_line(argv: list[str] | None = None) -> None:
         overrides.append(f"hydra.searchpath=[{','.join(folders)}]")
     try:
         check(overrides, CONF_DIR, config_name)
-        check_launcher([o for o in args.overrides if o.lstrip("+~").startswith("hydra")], CONF_DIR, config_name)
+        # a preset (sweep=tune_kd) may choose the sweeper whose keys the hydra overrides set
+        first_job = next(iter(override_variants(overrides)), [])
+        hydra_overrides = [o for o in args.overrides if o.lstrip("+~").startswith("hydra")]
+        check_launcher([*first_job, *hydra_overrides], CONF_DIR, config_name)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
