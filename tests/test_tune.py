@@ -162,6 +162,17 @@ def test_the_best_trial_is_chosen_by_validation_accuracy_and_the_report_lists_ev
     assert "| 0.9000 | 0.8500 |" in rows[1]
 
 
+def test_a_trial_killed_while_hydra_wrote_its_config_does_not_hide_the_others(tmp_path) -> None:
+    fake_trial(tmp_path, 0, 0.1, 2.0, val=0.80, test=0.9)
+    fake_trial(tmp_path, 1, 0.7, 4.5, val=0.85, test=0.9)
+    (tmp_path / "0" / "results.json").unlink()
+    (tmp_path / "0" / ".hydra" / "hydra.yaml").write_text("hydra:\n  sweeper: {_target_: hydra_plugins.distillab_")
+    paths = report.write_report(tmp_path)
+    assert OmegaConf.load(paths["best_trial"]).trial == 1
+    table = paths["markdown"].read_text().split("## Tuning trials", 1)[1]
+    assert [row.split(" | ")[4] for row in table.splitlines() if row.startswith("|  | 0 |")] == ["missing"]
+
+
 def test_a_sweep_that_is_not_a_tuning_has_no_trials_table(tmp_path) -> None:
     for job in range(2):
         fake_trial(
@@ -231,10 +242,16 @@ def proposals(sweep: Path) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def real_study(tmp_path_factory):
+def teacher_cache(tmp_path_factory) -> Path:
+    """The teacher cache of this module's studies: the first trial to run trains the teacher."""
+    return tmp_path_factory.mktemp("tune_cache")
+
+
+@pytest.fixture(scope="module")
+def real_study(tmp_path_factory, teacher_cache):
     root = tmp_path_factory.mktemp("tune")
     sweep = root / "a"
-    result = tune(sweep, root / "cache", "hydra.sweeper.n_trials=3")
+    result = tune(sweep, teacher_cache, "hydra.sweeper.n_trials=3")
     return root, sweep, result
 
 
@@ -261,20 +278,19 @@ def test_a_real_study_names_the_trial_with_the_best_validation_accuracy(real_stu
 
 
 @needs_optuna
-def test_the_sampler_seed_proposes_the_same_settings_again(real_study) -> None:
+def test_the_sampler_seed_proposes_the_same_settings_again(real_study, teacher_cache) -> None:
     root, sweep, _ = real_study
     first = proposals(sweep)
     assert len({tuple(p) for p in first}) == 3 and all(len(p) == 2 for p in first)  # not one setting
     # one epoch is enough: during its startup trials TPE samples at random from the seed alone
     again = root / "b"
-    tune(again, root / "cache", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1")
+    tune(again, teacher_cache, "hydra.sweeper.n_trials=2", "trainer.max_epochs=1")
     assert proposals(again) == first[:2]
 
 
 @needs_optuna
 @pytest.mark.slow  # the fast variant: test_a_failed_trial_returns_minus_infinity_which_optuna_records_as_the_worst
-def test_a_failed_trial_does_not_stop_the_study(real_study, tmp_path) -> None:
-    root, _, _ = real_study
+def test_a_failed_trial_does_not_stop_the_study(teacher_cache, tmp_path) -> None:
     presets = tmp_path / "conf" / "sweep"
     presets.mkdir(parents=True)
     # λ = 2 is out of range: with seed 0 the first trial draws it and fails, the second draws 0.3
@@ -292,7 +308,7 @@ def test_a_failed_trial_does_not_stop_the_study(real_study, tmp_path) -> None:
             "trainer.max_epochs=1",
             "hydra.sweeper.n_trials=2",
             f"hydra.sweep.dir={sweep}",
-            f"paths.cache_dir={root / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ],
         env=ENV,
     )
@@ -405,8 +421,10 @@ def test_a_bad_sweeper_setting_is_one_line_naming_the_key_and_what_is_allowed(ke
 
 # -- a study kept in a database ------------------------------------------------------------------
 @needs_optuna
-def test_the_study_is_kept_in_the_sweep_folder_and_the_same_command_continues_it(real_study, tmp_path) -> None:
-    root, sweep, _ = real_study
+def test_the_study_is_kept_in_the_sweep_folder_and_the_same_command_continues_it(
+    real_study, teacher_cache, tmp_path
+) -> None:
+    _, sweep, _ = real_study
     stored = trials(f"sqlite:///{sweep / 'study.db'}")
     assert [t.number for t in stored] == job_numbers(sweep) == [0, 1, 2]
     for trial in stored:  # the database holds what each job's results.json says
@@ -415,9 +433,9 @@ def test_the_study_is_kept_in_the_sweep_folder_and_the_same_command_continues_it
         assert trial.params == searched(sweep / str(trial.number))
     again = tmp_path / "again"
     shutil.copytree(sweep, again)
-    result = tune(again, root / "cache", "hydra.sweeper.n_trials=3")  # complete already: no trial runs
+    result = tune(again, teacher_cache, "hydra.sweeper.n_trials=3")  # complete already: no trial runs
     assert "3 of 3 trials complete" in result.stdout + result.stderr and job_numbers(again) == [0, 1, 2]
-    tune(again, root / "cache", "hydra.sweeper.n_trials=4", "trainer.max_epochs=1")
+    tune(again, teacher_cache, "hydra.sweeper.n_trials=4", "trainer.max_epochs=1")
     continued = trials(f"sqlite:///{again / 'study.db'}")
     assert [t.state.name for t in continued] == ["COMPLETE"] * 4 and job_numbers(again) == [0, 1, 2, 3]
     assert [t.params for t in continued[:3]] == [t.params for t in stored]  # the first three are kept
@@ -427,17 +445,16 @@ def test_the_study_is_kept_in_the_sweep_folder_and_the_same_command_continues_it
 
 
 @needs_optuna
-def test_a_trial_killed_while_running_is_retried_by_the_same_command(real_study, tmp_path) -> None:
-    root, _, _ = real_study
+def test_a_trial_killed_while_running_is_retried_by_the_same_command(teacher_cache, tmp_path) -> None:
     sweep, extra = tmp_path / "killed", ("hydra.sweeper.n_trials=1", "trainer.max_epochs=1")
-    process = start_tune(tmp_path / "first.log", sweep, root / "cache", *extra)
+    process = start_tune(tmp_path / "first.log", sweep, teacher_cache, *extra)
     deadline = time.monotonic() + 120
     while not (sweep / "0" / ".hydra").is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole command, as a kill of a job on a cluster
     process.wait()
     assert not (sweep / "0" / "results.json").exists(), "trial 0 ended before it could be killed"
-    tune(sweep, root / "cache", *extra)
+    tune(sweep, teacher_cache, *extra)
     killed, retried = trials(f"sqlite:///{sweep / 'study.db'}")
     assert (killed.state.name, retried.state.name) == ("FAIL", "COMPLETE")
     assert retried.params == killed.params == searched(sweep / "1") and retried.user_attrs["retry_of"] == 0
@@ -445,10 +462,9 @@ def test_a_trial_killed_while_running_is_retried_by_the_same_command(real_study,
 
 
 @needs_optuna
-def test_two_commands_on_one_study_share_its_trials(real_study, tmp_path) -> None:
-    root, _, _ = real_study
+def test_two_commands_on_one_study_share_its_trials(teacher_cache, tmp_path) -> None:
     sweep, extra = tmp_path / "shared", ("hydra.sweeper.n_trials=2", "trainer.max_epochs=1")
-    processes = [start_tune(tmp_path / f"{i}.log", sweep, root / "cache", *extra) for i in range(2)]
+    processes = [start_tune(tmp_path / f"{i}.log", sweep, teacher_cache, *extra) for i in range(2)]
     for i, process in enumerate(processes):
         finish(process, tmp_path / f"{i}.log")
     stored = trials(f"sqlite:///{sweep / 'study.db'}")
@@ -534,12 +550,11 @@ def postgres():
 
 
 @needs_optuna
-def test_a_study_on_postgresql_is_shared_by_two_machines_and_continued(real_study, postgres, tmp_path) -> None:
-    root, _, _ = real_study
+def test_a_study_on_postgresql_is_shared_by_two_machines_and_continued(teacher_cache, postgres, tmp_path) -> None:
     extra = (f"hydra.sweeper.storage={postgres}", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1")
     # two machines: each its own sweep folder, one study in the database
     sweeps = [tmp_path / "machine_a", tmp_path / "machine_b"]
-    processes = [start_tune(tmp_path / f"{i}.log", sweep, root / "cache", *extra) for i, sweep in enumerate(sweeps)]
+    processes = [start_tune(tmp_path / f"{i}.log", sweep, teacher_cache, *extra) for i, sweep in enumerate(sweeps)]
     logs = [finish(process, tmp_path / f"{i}.log") for i, process in enumerate(processes)]
     assert all("unused" not in log and "tuner:***@" in log for log in logs)  # the password is never shown
     stored = trials(postgres)
@@ -551,7 +566,7 @@ def test_a_study_on_postgresql_is_shared_by_two_machines_and_continued(real_stud
     for trial in stored:  # each trial ran once, in the folder of its number on one machine
         (job,) = [sweep / str(trial.number) for sweep in sweeps if (sweep / str(trial.number)).is_dir()]
         assert searched(job) == trial.params
-    tune(sweeps[0], root / "cache", *extra[:1], f"hydra.sweeper.n_trials={len(complete) + 1}", *extra[2:])
+    tune(sweeps[0], teacher_cache, *extra[:1], f"hydra.sweeper.n_trials={len(complete) + 1}", *extra[2:])
     assert [t.state.name for t in trials(postgres)] == ["COMPLETE"] * (len(complete) + 1)
 
 
