@@ -64,7 +64,7 @@ register()
 
 
 class OptunaSweeper(Sweeper):
-    """The keys of ``conf/hydra/sweeper/optuna.yaml``: ``sampler`` (a config node, ``_target_`` an
+    """The keys of ``hydra/sweeper=optuna`` (``SWEEPER`` above): ``sampler`` (a config node, ``_target_`` an
     Optuna sampler), ``direction``, ``storage`` (a SQLAlchemy URL; null: ``<sweep dir>/study.db``),
     ``study_name``, ``n_trials`` (completed trials of the study in total), ``n_jobs`` (trials
     launched at a time), ``max_failure_rate``, ``params`` (the search space, in Hydra's sweep
