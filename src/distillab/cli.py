@@ -149,8 +149,8 @@ def run_job(cfg: DictConfig, handoff: Any = None) -> float:
     Bad input exits with 2 (nothing written); a failed run with 1, after its results.json
     recorded the error. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Returns the
     objective a Hydra sweeper maximises (see ``objective``), -inf for a failed job of a sweep:
-    the Optuna sweeper (optuna 2.10) stops the whole study when told NaN, while -inf is recorded
-    as the worst trial and tuning goes on.
+    Optuna records NaN as a failed trial, which ``n_trials`` does not count, while -inf is
+    recorded as the worst complete trial and tuning goes on.
     """
     from distillab import pipeline
 
@@ -211,7 +211,10 @@ def check_command_line(argv: list[str] | None = None) -> None:
         overrides.append(f"hydra.searchpath=[{','.join(folders)}]")
     try:
         check(overrides, CONF_DIR, config_name)
-        check_launcher([o for o in args.overrides if o.lstrip("+~").startswith("hydra")], CONF_DIR, config_name)
+        # a preset (sweep=tune_kd) may choose the sweeper whose keys the hydra overrides set
+        first_job = next(iter(override_variants(overrides)), [])
+        hydra_overrides = [o for o in args.overrides if o.lstrip("+~").startswith("hydra")]
+        check_launcher([*first_job, *hydra_overrides], CONF_DIR, config_name)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

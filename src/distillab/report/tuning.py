@@ -45,14 +45,14 @@ def tuning(sweep_dir: str | os.PathLike, records: list[dict[str, Any]]) -> dict[
 
 
 def _sweeper_config(root: Path, records: list[dict[str, Any]]) -> dict | None:
-    """``hydra.sweeper`` as the first job saved it in ``.hydra/hydra.yaml``."""
+    """``hydra.sweeper`` as the first job that saved it whole saved it in ``.hydra/hydra.yaml``."""
     for record in records:
         path = root / record["job"] / ".hydra" / "hydra.yaml"
         if path.is_file():
             try:
                 sweeper = OmegaConf.to_container(OmegaConf.load(path).hydra.sweeper, resolve=False)
-            except Exception:  # noqa: BLE001 - unreadable: the report goes without trials
-                return None
+            except Exception:  # noqa: BLE001 - a job killed while Hydra wrote the file: the next job's
+                continue
             return sweeper if isinstance(sweeper, dict) else None
     return None
 
