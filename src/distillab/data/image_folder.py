@@ -156,6 +156,12 @@ def split_folders(
     return classes, {name: splits[name] for name in SPLITS}
 
 
+def decode_error(error: BaseException) -> str:
+    """What a decoder's error says, in a few words: its first sentence, without the C++ source location."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\w+, \S+:\d+, ", "", text).split(". ")[0][:120]
+
+
 # -- decoding and transforms -----------------------------------------------------------------------
 def read_image(path: str) -> Tensor:
     """The file at ``path`` decoded to a uint8 RGB tensor (3, H, W)."""
@@ -224,8 +230,7 @@ class ImageFiles(Dataset):
         raise BadImage(f"data: none of the {len(self.paths)} files of this split decodes as an image")
 
     def _bad(self, i: int, error: BaseException) -> None:
-        path = str(self.paths[i])
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[0].rsplit(", ", 1)[-1][:120]
+        path, cause = str(self.paths[i]), decode_error(error)
         if self.bad_images == "fail":
             raise BadImage(
                 f"data: {path} does not decode as an image ({cause}); replace or remove it, or set "

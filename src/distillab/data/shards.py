@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from distillab.data.image_folder import SPLITS, BadImage, ImageDataModule, split_folders
+from distillab.data.image_folder import SPLITS, BadImage, ImageDataModule, decode_error, split_folders
 from distillab.io import atomic_write_text
 from distillab.settings import ConfigError, NonNegativeCount, checked
 
@@ -96,10 +96,13 @@ def write(
                 path, label = samples[i]
                 suffix = Path(path).suffix.lower().lstrip(".")
                 with open(path, "rb") as file:
-                    writer.write(
-                        {"__key__": f"{k:09d}", "jpg" if suffix == "jpeg" else suffix: file.read(), "cls": label}
-                    )
-                digest.update(f"{split}/{Path(path).relative_to(root)}:{label}".encode())
+                    image = file.read()
+                source = str(Path(path).relative_to(root))
+                # the source file's path rides along, so that an error can name the file a sample came from
+                writer.write(
+                    {"__key__": f"{k:09d}", "jpg" if suffix == "jpeg" else suffix: image, "cls": label, "path": source}
+                )
+                digest.update(f"{source}:{label}".encode())
         for index in range(math.ceil(len(samples) / samples_per_shard)):
             count = min(samples_per_shard, len(samples) - index * samples_per_shard)
             shards.append({"file": Path(pattern % index).name, "samples": count})
@@ -160,12 +163,13 @@ def epoch_part(
 
 
 def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes, int, str]]:
-    """``(position, image bytes, class, member name)`` of the samples at ``wanted`` positions
+    """``(position, image bytes, class, source file)`` of the samples at ``wanted`` positions
     (ascending) of the shard at ``path``, reading the tar once from its start."""
     wanted_set, last = set(wanted), max(wanted)
     position, key = -1, None
-    image: tuple[bytes, str] | None = None
+    image: bytes | None = None
     label: int | None = None
+    source = ""
     with tarfile.open(path, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
@@ -173,8 +177,8 @@ def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes
             stem, _, ext = member.name.partition(".")
             if stem != key:
                 if image is not None and label is not None:
-                    yield position, image[0], label, image[1]
-                position, key, image, label = position + 1, stem, None, None
+                    yield position, image, label, source
+                position, key, image, label, source = position + 1, stem, None, None, ""
                 if position > last:
                     return
             if position not in wanted_set:
@@ -182,10 +186,12 @@ def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes
             data = tar.extractfile(member).read()
             if ext == "cls":
                 label = int(data)
+            elif ext == "path":
+                source = data.decode(errors="replace")
             else:
-                image = (data, member.name)
+                image, source = data, source or member.name
         if image is not None and label is not None and position in wanted_set:
-            yield position, image[0], label, image[1]
+            yield position, image, label, source
 
 
 class ShardStream(IterableDataset):
@@ -240,9 +246,9 @@ class ShardStream(IterableDataset):
             wanted = [position for _, position in part[start:stop]]
             path = self.folder / self.files[shard]
             found = 0
-            for _, data, label, member in read_samples(path, wanted):
+            for _, data, label, source in read_samples(path, wanted):
                 found += 1
-                yield data, label, f"{path}:{member}"
+                yield data, label, f"{source} (in {path})"
             if found != len(wanted):
                 raise BadImage(f"data: the shard {path} holds fewer samples than {MANIFEST} says; write it again")
             start = stop
@@ -254,7 +260,7 @@ class ShardStream(IterableDataset):
             try:
                 image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             except (RuntimeError, ValueError) as error:
-                cause = (str(error).strip().splitlines() or [type(error).__name__])[0].rsplit(", ", 1)[-1][:120]
+                cause = decode_error(error)
                 if self.bad_images == "fail":
                     raise BadImage(
                         f"data: {where} does not decode as an image ({cause}); write the shards again without "
