@@ -222,7 +222,7 @@ def test_shard_streams_of_two_ranks_serve_every_image_once(shards):
         stream.epoch.fill_(epoch)
         items = list(stream)
         assert len(items) == len(stream) == 12
-        return [(int(y), round(float(x.mean()), 4)) for x, y in items]
+        return [(int(y), round(float(x.float().mean()), 4)) for x, y in items]
 
     folder = [(y, m) for epoch in range(2) for y, m in labels_and_means(epoch, 0) + labels_and_means(epoch, 1)]
     per_epoch = len(folder) // 2

@@ -32,10 +32,9 @@ import json
 import logging
 import math
 import sys
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -50,6 +49,8 @@ from distillab.settings import ConfigError, NonNegativeCount, checked
 log = logging.getLogger(__name__)
 
 MANIFEST = "distillab-shards.json"
+BLOCK = 512  # the tar format's block
+EMPTY_BLOCK = bytes(BLOCK)
 VERSION = 1
 WRITE_COMMAND = "python -m distillab.data.shards write <image folder> <shard folder> --name <dataset>"
 
@@ -162,6 +163,43 @@ def epoch_part(
     return [(int(order[w]), int(p - starts[w])) for w, p in zip(which, positions)]
 
 
+def tar_files(file: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """``(name, read)`` of each regular file of the tar stream ``file``, in order; ``read()`` returns
+    its bytes, and a file not read is skipped with one seek. A lean reader of the POSIX ustar/pax
+    headers webdataset's writer produces: ``tarfile`` parses every header in Python, which cost a
+    sixth of a worker's time per sample here."""
+    long_name = None
+    while True:
+        header = file.read(BLOCK)
+        if len(header) < BLOCK or header == EMPTY_BLOCK:
+            return
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        kind, padded = header[156:157], -(-size // BLOCK) * BLOCK
+        name = long_name or _field(header[345:500]) + ("/" if header[345] else "") + _field(header[:100])
+        long_name = None
+        if kind in (b"x", b"L"):  # a pax or GNU header: the next file's long name, if it has one
+            data = file.read(padded)[:size]
+            long_name = _pax_path(data) if kind == b"x" else _field(data)
+            continue
+        start = file.tell()
+        if kind in (b"0", b"\0"):
+            yield name, lambda size=size: file.read(size)
+        file.seek(start + padded)
+
+
+def _field(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header ("<length> path=<name>\\n" records), if it sets one."""
+    for record in records.split(b"\n"):
+        _, _, field = record.partition(b" ")
+        if field.startswith(b"path="):
+            return field[5:].decode("utf-8", errors="replace")
+    return None
+
+
 def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes, int, str]]:
     """``(position, image bytes, class, source file)`` of the samples at ``wanted`` positions
     (ascending) of the shard at ``path``, reading the tar once from its start."""
@@ -170,11 +208,9 @@ def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes
     image: bytes | None = None
     label: int | None = None
     source = ""
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.partition(".")
+    with open(path, "rb") as file:
+        for name, read in tar_files(file):
+            stem, _, ext = name.partition(".")
             if stem != key:
                 if image is not None and label is not None:
                     yield position, image, label, source
@@ -183,13 +219,13 @@ def read_samples(path: Path, wanted: Sequence[int]) -> Iterator[tuple[int, bytes
                     return
             if position not in wanted_set:
                 continue
-            data = tar.extractfile(member).read()
+            data = read()
             if ext == "cls":
                 label = int(data)
             elif ext == "path":
                 source = data.decode(errors="replace")
             else:
-                image, source = data, source or member.name
+                image, source = data, source or name
         if image is not None and label is not None and position in wanted_set:
             yield position, image, label, source
 
