@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from distillab import conf, pipeline
 from distillab.data import adapter
 from distillab.data.image_folder import BadImage, ImageFolderDataModule, split_folders
-from distillab.data.shards import MANIFEST, ImageShardsDataModule, epoch_part, main, write
+from distillab.data.shards import MANIFEST, ImageShardsDataModule, command_line, epoch_part, main, write
 from distillab.settings import ConfigError
 from tests.conftest import ROOT
 from tests.fixtures_images import CLASSES, write_image_folder
@@ -80,6 +81,8 @@ def test_batches_shapes_normalisation_and_augmentation_switch(images):
     with data.augmentation(False):
         assert not data.augments and torch.equal(data.dataset("train")[0][0], data.dataset("train")[0][0])
     assert "randomly augmented" in adapter.index_obstacle(data)
+    with data.augmentation(False):  # fixed inputs: the teacher's outputs can be cached
+        assert adapter.index_obstacle(data) is None
 
 
 def test_the_training_order_follows_the_seed(images):
@@ -302,3 +305,15 @@ def test_the_imagenet_config_is_the_image_folder_with_imagenets_layout(make_cfg)
     assert list(data.mean) == [0.485, 0.456, 0.406] and list(data.std) == [0.229, 0.224, 0.225]
     assert (data.crop_size, data.resize_size, data.batch_size) == (224, 256, 256)
     assert (ROOT / "conf" / "data" / "image_shards.yaml").read_text().startswith("# ")
+
+
+def test_the_shard_commands_the_docs_show_parse():
+    shown = [
+        shlex.split(line)[3:]
+        for line in (ROOT / "docs" / "large-data.md").read_text().splitlines()
+        if line.startswith("python -m distillab.data.shards ")
+    ]
+    assert len(shown) >= 2
+    for args in shown:
+        parsed = command_line().parse_args(args)
+        assert parsed.command == "write" and parsed.name

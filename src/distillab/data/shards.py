@@ -411,8 +411,8 @@ class ImageShardsDataModule(ImageDataModule):
 
 
 # -- the command ---------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m distillab.data.shards write ROOT OUT --name NAME [...]``: see ``--help``."""
+def command_line() -> argparse.ArgumentParser:
+    """The parser of ``python -m distillab.data.shards``."""
     parser = argparse.ArgumentParser(prog="python -m distillab.data.shards", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     writing = commands.add_parser("write", help="write an image folder as webdataset shards")
@@ -427,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     writing.add_argument("--test-size", type=int, default=0, help="images drawn from train when test has no folder")
     writing.add_argument("--split-seed", type=int, default=0)
     writing.add_argument("--samples-per-shard", type=int, default=1000)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m distillab.data.shards write ROOT OUT --name NAME [...]``: see ``--help``."""
+    args = command_line().parse_args(argv)
     try:
         manifest = write(
             args.root, args.out, args.name, args.train_dir, args.val_dir, args.test_dir,
