@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -275,15 +276,18 @@ def test_the_write_command(images, tmp_path):
 
 
 # -- a whole run -------------------------------------------------------------------------------------
-def test_kd_on_an_image_folder_end_to_end(make_cfg, tmp_path):
+@pytest.mark.parametrize("data", ["image_folder", "image_shards"])
+def test_kd_on_images_from_disk_end_to_end(data, make_cfg, tmp_path, caplog):
     root = write_image_folder(tmp_path / "images", per_class=10, size=(32, 32))
+    where = [f"data.root={root}", "data.val_size=6", "data.test_size=6"]
+    if data == "image_shards":
+        write(root, tmp_path / "shards", "flowers", val_size=6, test_size=6, samples_per_shard=8)
+        where = [f"data.root={tmp_path / 'shards'}", "data.name=flowers"]
     cfg = make_cfg(
-        "data=image_folder",
-        f"data.root={root}",
+        f"data={data}",
+        *where,
         "data.crop_size=16",
         "data.resize_size=16",
-        "data.val_size=6",
-        "data.test_size=6",
         "data.batch_size=8",
         "data.num_workers=0",
         "teacher.width=8",
@@ -292,10 +296,16 @@ def test_kd_on_an_image_folder_end_to_end(make_cfg, tmp_path):
         "teacher.recipe.max_epochs=1",
         "distill=kd",
     )
-    record = pipeline.run(cfg)
+    with caplog.at_level(logging.INFO):
+        record = pipeline.run(cfg)
     assert record["status"] == "ok", record
-    assert record["dataset"] == "image_folder" and record["student"]["params"] == 3 * 16 * 16 * 32 + 32 + 32 * 3 + 3
+    assert record["dataset"] == ("image_folder" if data == "image_folder" else "flowers")
+    assert record["student"]["params"] == 3 * 16 * 16 * 32 + 32 + 32 * 3 + 3
     assert 0 <= record["student"]["test"]["acc"] <= 1
+    # random crops: the live teacher, and the log says why
+    assert any(
+        "teacher outputs: live" in r.getMessage() and "randomly augmented" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_the_imagenet_config_is_the_image_folder_with_imagenets_layout(make_cfg):
