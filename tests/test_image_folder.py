@@ -309,6 +309,16 @@ def test_kd_on_images_from_disk_end_to_end(data, make_cfg, tmp_path, caplog):
 
 
 def test_the_imagenet_config_is_the_image_folder_with_imagenets_layout(make_cfg):
+    folder, imagenet = (OmegaConf.to_container(conf.load("data", name)) for name in ("image_folder", "imagenet"))
+    differ = {key for key in folder if folder[key] != imagenet[key]}
+    assert folder.keys() == imagenet.keys() and differ == {
+        "root",
+        "name",
+        "val_dir",
+        "test_dir",
+        "val_size",
+        "test_size",
+    }
     data = make_cfg("data=imagenet").data
     assert data._target_.endswith("ImageFolderDataModule") and data.name == "imagenet"
     assert (data.val_dir, data.test_dir, data.val_size) == (None, "val", 10000)
