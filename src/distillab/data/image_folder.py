@@ -52,6 +52,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
+PRIME = 1_000_003  # apart the crop seeds of DDP ranks
 
 Pixels = Annotated[int, Range(8, note="pixels")]
 Scale = Annotated[float, Range(0, 1, low_open=True, what="a fraction", note="of the image's area")]
@@ -330,6 +331,11 @@ class ImageDataModule(pl.LightningDataModule):
             options.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
         return options
 
+    def _distributed(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the trainer this module serves; ``(0, 1)`` without one."""
+        trainer = getattr(self, "trainer", None)
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+
     def describe_transforms(self) -> str:
         how = (
             f"RandomResizedCrop {self.crop_size} (scale {self.min_scale:g}-1) + flip"
@@ -428,9 +434,11 @@ class ImageFolderDataModule(ImageDataModule):
         return ImageFiles(paths, targets, self.transform(split == "train"), self.bad_images)
 
     def train_dataloader(self) -> DataLoader:
-        # the order follows the run's seed (shuffle_seed), and so do the workers' random crops,
-        # whose seeds torch draws from this generator
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        # the order follows the run's seed (shuffle_seed), and so do the workers' random crops, whose
+        # seeds torch draws from this generator; under DDP each rank draws its own crops (Lightning
+        # gives every rank a DistributedSampler for its share of the order)
+        rank, _ = self._distributed()
+        generator = torch.Generator().manual_seed(self.shuffle_seed + PRIME * rank)
         return DataLoader(
             self.dataset("train"),
             batch_size=self.batch_size,

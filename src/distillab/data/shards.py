@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from distillab.data.image_folder import SPLITS, BadImage, ImageDataModule, decode_error, split_folders
+from distillab.data.image_folder import PRIME, SPLITS, BadImage, ImageDataModule, decode_error, split_folders
 from distillab.io import atomic_write_text
 from distillab.settings import ConfigError, NonNegativeCount, checked
 
@@ -367,10 +367,6 @@ class ImageShardsDataModule(ImageDataModule):
         self.setup()
         return {split: int(self.manifest["splits"][split]["samples"]) for split in SPLITS}
 
-    def _distributed(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-
     def stream(self, split: str, rank: int = 0, world_size: int = 1) -> ShardStream:
         self.setup()
         train = split == "train"
@@ -388,8 +384,11 @@ class ImageShardsDataModule(ImageDataModule):
         )
 
     def _loader(self, split: str) -> EpochLoader:
-        stream = self.stream(split, *self._distributed())
-        return EpochLoader(stream, batch_size=stream.batch_size, **self.loader_options())
+        rank, world = self._distributed()
+        stream = self.stream(split, rank, world)
+        # the workers' random crops follow the run's seed, each rank its own (as the image folder's)
+        generator = torch.Generator().manual_seed(self.shuffle_seed + PRIME * rank)
+        return EpochLoader(stream, batch_size=stream.batch_size, generator=generator, **self.loader_options())
 
     def train_dataloader(self) -> EpochLoader:
         return self._loader("train")
