@@ -186,8 +186,8 @@ class NormalisedBatch:
     """The collate function of the image loaders: stacks ``(uint8 crop, target)`` samples and turns the
     batch into float32 ``(pixel / 255 - mean) / std`` per channel, in place, in the worker's shared
     memory. Normalising the batch once instead of each image keeps a worker's memory traffic to one
-    float batch (each float image would be a fresh allocation of its own): this is what brings the
-    loader to the floor of decoding alone (``benchmarks/data_throughput.py``)."""
+    float batch (each float image would be a fresh allocation of its own, and the batch a second
+    copy): half the page faults per image (``benchmarks/README.md``, ``data_throughput.py``)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
