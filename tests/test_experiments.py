@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from distillab import job, pipeline
 from distillab.config import validate
 from tests.conftest import CONF
+from tests.fixtures_images import write_image_folder
 from tests.fixtures_vision import WRITERS, trust_cifar_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +58,10 @@ SHORT = sorted(
     min((n for n, (m, _) in METHOD_FILES.items() if m == method), key=lambda n: list(PAIRS).index(METHOD_FILES[n][1]))
     for method in {m for m, _ in METHOD_FILES.values()}
 )
-RUN = [n for n in EXPERIMENTS if not n.startswith("cifar100_")] + KD_FILES + SHORT
+# the ImageNet files are prepared on a small image folder (a ResNet-34 run is not a unit test)
+IMAGENET = [n for n in EXPERIMENTS if n.startswith("imagenet_")]
+IMAGENET_METHODS = {"kd": "kd", "dkd": "dkd", "crd": "crd"}
+RUN = [n for n in EXPERIMENTS if not n.startswith(("cifar100_", "imagenet_"))] + KD_FILES + SHORT
 PREPARE = [n for n in EXPERIMENTS if n not in RUN]
 
 # a handful of steps: one epoch of two small batches for teacher and student, quick timing
@@ -81,7 +85,10 @@ def data_root(tmp_path_factory):
     def root(dataset: str):
         if dataset not in roots:
             roots[dataset] = tmp_path_factory.mktemp(dataset)
-            WRITERS[dataset](roots[dataset])
+            if dataset == "imagenet":
+                write_image_folder(roots[dataset], per_class=6, splits={"val": 2})
+            else:
+                WRITERS[dataset](roots[dataset])
         return roots[dataset]
 
     return root
@@ -95,6 +102,15 @@ def _compose(name, make_cfg, data_root, monkeypatch, *extra):
     if dataset in WRITERS:
         trust_cifar_fixtures(monkeypatch)
         overrides += [f"data.root={data_root(dataset)}", "data.val_size=20", "data.download=false"]
+    if dataset == "imagenet":  # a few classes of small JPEG/PNG files; no download of the teacher's weights
+        overrides += [
+            f"data.root={data_root('imagenet')}",
+            "data.val_size=6",
+            "data.crop_size=32",
+            "data.resize_size=36",
+            "data.num_workers=0",
+            "teacher.weights=null",
+        ]
     return make_cfg(*overrides, fast=False), dataset
 
 
@@ -119,7 +135,7 @@ def test_every_method_runs_once_and_every_file_is_checked():
     for name in SHORT:  # on resnet56 -> resnet20, the cheapest pair, where the method has a file for it
         method, pair = METHOD_FILES[name]
         assert pair == "resnet56_resnet20" or f"cifar100_{method}_resnet56_resnet20" not in METHOD_FILES
-    assert sorted(RUN + PREPARE) == EXPERIMENTS and not set(RUN) & set(PREPARE)
+    assert sorted(RUN + PREPARE) == EXPERIMENTS and not set(RUN) & set(PREPARE) and set(IMAGENET) <= set(PREPARE)
     assert set(KD_FILES + RECIPES) <= set(EXPERIMENTS)
 
 
@@ -238,3 +254,35 @@ def test_hinton_mnist_is_the_papers_setup(make_cfg):
     assert cfg.teacher.recipe.augment is True and cfg.data.augment is False and cfg.data.max_shift == 2
     assert list(cfg.student.hidden) == [800, 800] and cfg.student.dropout == 0.0
     assert cfg.distill.temperature == 20.0
+
+
+@pytest.mark.parametrize("name", [n for n in IMAGENET if n != "imagenet_recipe_resnet34_resnet18"])
+def test_an_imagenet_file_is_its_method_on_the_imagenet_recipe(name, make_cfg):
+    """The papers' ImageNet setting: torchvision's pretrained ResNet-34 teacher, ResNet-18 from scratch,
+    100 epochs of SGD lr 0.1 (momentum 0.9, weight decay 1e-4) x0.1 at 30/60/90, batch 256, and a
+    published figure in the header."""
+    method = name.removeprefix("imagenet_").removesuffix("_resnet34_resnet18")
+    cfg = make_cfg(f"experiment={name}", fast=False)
+    assert cfg.distill._target_ == OmegaConf.load(CONF / "distill" / f"{IMAGENET_METHODS[method]}.yaml")._target_
+    assert cfg.data._target_.endswith("ImageFolderDataModule") and cfg.data.name == "imagenet"
+    assert (cfg.data.batch_size, cfg.data.crop_size, cfg.data.test_dir) == (256, 224, "val")
+    assert cfg.teacher._target_ == cfg.student._target_ == "distillab.models.torchvision_model"
+    assert (cfg.teacher.name, cfg.teacher.weights, cfg.student.name, cfg.student.pretrained) == (
+        "resnet34",
+        "IMAGENET1K_V1",
+        "resnet18",
+        False,
+    )
+    optimizer, scheduler = cfg.optim.optimizer, cfg.optim.scheduler
+    assert optimizer._target_ == "torch.optim.SGD"
+    assert (optimizer.lr, optimizer.momentum, optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert list(scheduler.milestones) == [30, 60, 90] and scheduler.gamma == 0.1 and cfg.trainer.max_epochs == 100
+    # the pretrained teacher passes through its recipe without a change of weights
+    assert cfg.teacher.recipe.optim.optimizer.lr == 0.0 and cfg.teacher.recipe.max_epochs == 1
+    recipe = _plain(make_cfg("experiment=imagenet_recipe_resnet34_resnet18", fast=False))
+    mine = _plain(cfg)
+    assert {k: v for k, v in mine.items() if k != "distill"} == {k: v for k, v in recipe.items() if k != "distill"}
+    header = _header(name)
+    found = FIGURE.search(header)
+    assert found and "Table" in found.group(1), f"{name}: no published figure with its table"
+    assert "teacher 73.31, student alone 69.75 (" in header and f"python train.py experiment={name}" in header

@@ -299,6 +299,8 @@ def index_obstacle(data: Any) -> str | None:
     name = type(data).__name__
     if serves_indices(data):
         return None
+    if getattr(data, "augments", False) is True:  # a datamodule that says so (image folders): no need to probe
+        return f"the training batches of {name} are randomly augmented, so the teacher's inputs change every epoch"
     hooks = [hook for hook in TRANSFER_HOOKS if _overrides(data, hook)]
     if hooks:
         return f"{name} overrides {hooks[0]}, which may change training batches on their way to the model"
