@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -21,7 +22,7 @@ from distillab import loggers, training
 from distillab.distill.methods.none import CrossEntropy
 from distillab.distill.module import ClassifierModule
 from distillab.evaluate import classification_metrics, predict
-from distillab.settings import ConfigError, Count, Range, Seed
+from distillab.settings import ConfigError, NonNegativeCount, Range, Seed
 from distillab.steps.teacher import cache
 
 
@@ -29,9 +30,11 @@ from distillab.steps.teacher import cache
 class Recipe:
     """``teacher.recipe``. ``augment``: training-batch augmentation for the teacher only (null:
     as the data says); ``labelled_fraction``: the share of training labels it trains on (null:
-    all of them, whatever ``data.labelled_fraction`` gives the student)."""
+    all of them, whatever ``data.labelled_fraction`` gives the student). ``max_epochs=0``: the
+    teacher is used as built (a pretrained model's weights), evaluated and cached, never fitted:
+    one fit at learning rate 0 would still move its BatchNorm statistics."""
 
-    max_epochs: Count
+    max_epochs: NonNegativeCount
     seed: Seed
     optim: dict[str, Any]
     augment: bool | None
@@ -70,6 +73,8 @@ def train(
     its metrics (``best_epoch``, ``val`` over ``num_classes`` classes). It logs as ``role``
     ("teacher", "teacher-<name>"); checkpoints go to ``staging``."""
     pl.seed_everything(int(recipe.seed), workers=True, verbose=False)
+    if int(recipe.max_epochs) == 0:
+        return _as_built(model, data, num_classes, str(fitting.trainer.get("accelerator", "auto")))
     optimizer, scheduler = instantiate(recipe.optim.optimizer), scheduler_factory(recipe.optim)
     module = ClassifierModule(model, CrossEntropy(), optimizer=optimizer, scheduler=scheduler)
     fit, run_loggers = fitting.trainer_for(
@@ -83,6 +88,17 @@ def train(
     metrics = {"best_epoch": best_epoch, "val": classification_metrics(val_preds, val_targets, num_classes)}
     loggers.finish(run_loggers, {"teacher/val_acc": metrics["val"]["acc"]})
     return metrics
+
+
+def _as_built(model: nn.Module, data: Any, num_classes: int, accelerator: str) -> dict[str, Any]:
+    """The metrics of a teacher used as built (``max_epochs=0``): no fit, its validation accuracy,
+    evaluated on the run's GPU when it has one."""
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    data.setup("fit")
+    val_preds, val_targets = predict(model.to(device), data.val_dataloader(), device)
+    model.cpu()
+    return {"best_epoch": 0, "val": classification_metrics(val_preds, val_targets, num_classes)}
 
 
 def obtain(
