@@ -515,6 +515,8 @@ def test_a_run_with_a_budget_saves_the_scan_and_its_figure(make_cfg, tmp_path):
 
 def test_a_budget_with_an_amount_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(ConfigError) as caught:
-        pipeline.run(make_cfg("compress=prune_structured", "compress.max_acc_drop=0.01"), raise_on_failure=True)
+        pipeline.run(
+            make_cfg("compress=prune_structured", "compress.max_acc_drop=0.01", own_cache=True), raise_on_failure=True
+        )
     assert str(caught.value).startswith("compress.amount=0.5 is not allowed with max_acc_drop=0.01")
     assert not (tmp_path / "cache").exists()

@@ -319,12 +319,6 @@ def test_cached_teacher_outputs_never_stand_in_for_the_live_teacher():
 
 
 # -- short runs ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory) -> Path:
-    """One cache for the module, so the digits teacher trains once for every run."""
-    return tmp_path_factory.mktemp("teacher_cache")
-
-
 def _logged(run: Path, role: str = "student") -> list[dict[str, float]]:
     rows = csv.DictReader((run / "csv" / role / "metrics.csv").open())
     return [{k: float(v) for k, v in row.items() if v} for row in rows if row.get("train/loss")]
