@@ -394,7 +394,7 @@ def test_compression_fine_tuning_with_crd(make_cfg, tmp_path, teacher_cache, cap
 
 
 @pytest.mark.slow  # ~45 s: a teacher and a student fitted by two spawned processes
-def test_data_parallel_processes_keep_one_memory(tmp_path):
+def test_data_parallel_processes_keep_one_memory(tmp_path, teacher_cache):
     """Under DDP each process updates its memory with the whole global batch (gathered), so the
     copies stay equal and rank 0's copy, in the checkpoint, has every training sample's row."""
     run = tmp_path / "run"
@@ -410,7 +410,7 @@ def test_data_parallel_processes_keep_one_memory(tmp_path):
             "student=cnn",
             "student.width=8",
             f"hydra.run.dir={run}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -119,7 +119,7 @@ def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, 
     assert not all(torch.equal(a[key], c[key]) for key in a)
 
 
-def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path):
+def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path, teacher_cache):
     from tests.conftest import FAST, run_train
 
     result = run_train(
@@ -129,7 +129,7 @@ def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_
             "distill=none",
             "data.normalize=false",
             f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ]
     )
     assert result.returncode == 1
