@@ -71,11 +71,34 @@ def compose_hydra(*overrides: str) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The teacher cache of the whole test session: each teacher (the FAST digits cnn above all) is
+    trained once and then loaded by every test that only needs *a* trained teacher. Under xdist the
+    workers share the folder, and the cache's own file lock makes one of them train a missing
+    teacher while the others wait for it, as two jobs of a sweep do."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "teacher_cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture
-def make_cfg(tmp_path: Path):
-    def make(*overrides: str, fast: bool = True, out: Path | None = None, cache: Path | None = None) -> DictConfig:
+def make_cfg(tmp_path: Path, teacher_cache: Path):
+    """``make_cfg(*overrides)`` composes a run whose teachers come from the session's
+    :func:`teacher_cache`; a test of the cache itself (a miss, a hit, a lock, a crash) or one that
+    trains a teacher in its own way passes ``own_cache=True`` (``tmp_path / "cache"``) or a ``cache``."""
+
+    def make(
+        *overrides: str,
+        fast: bool = True,
+        out: Path | None = None,
+        cache: Path | None = None,
+        own_cache: bool = False,
+    ) -> DictConfig:
         chosen = (FAST if fast else []) + list(overrides)
-        return compose_cfg(chosen, out or tmp_path / "run", cache or tmp_path / "cache")
+        folder = cache or (tmp_path / "cache" if own_cache else teacher_cache)
+        return compose_cfg(chosen, out or tmp_path / "run", folder)
 
     yield make
     GlobalHydra.instance().clear()

@@ -530,7 +530,7 @@ def test_a_budget_on_the_command_line_lets_the_search_choose_the_amounts(option,
 
 
 def test_an_amount_set_with_a_budget_fails_before_training(make_cfg, tmp_path):
-    cfg = make_cfg("compress=prune_structured", "compress.amount=0.3", "compress.max_acc_drop=0.01")
+    cfg = make_cfg("compress=prune_structured", "compress.amount=0.3", "compress.max_acc_drop=0.01", own_cache=True)
     with pytest.raises(ConfigError) as caught:
         pipeline.run(cfg, raise_on_failure=True)
     assert str(caught.value).startswith("compress.amount=0.3 is not allowed with max_acc_drop=0.01")

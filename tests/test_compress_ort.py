@@ -236,7 +236,7 @@ def test_missing_onnx_packages_are_one_line_before_training(monkeypatch, mlp, di
         _static(mlp, _context(digits))
     assert str(caught.value) == message
     with pytest.raises(ConfigError) as caught:  # a run tries the method on an untrained copy first
-        pipeline.run(make_cfg("compress=ort_int8_static"), raise_on_failure=True)
+        pipeline.run(make_cfg("compress=ort_int8_static", own_cache=True), raise_on_failure=True)
     assert str(caught.value) == message
     assert not (tmp_path / "cache").exists() and not list(tmp_path.rglob("results.json"))
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distillab import pipeline, results
+from distillab import cli, pipeline, results
 from distillab.compress import prune
 from distillab.config import ConfigError
 from tests.conftest import run_train
@@ -88,17 +88,25 @@ def test_a_chain_applies_its_steps_in_order(make_cfg):
         ("compress.target=both", "compress.target"),
     ],
 )
-def test_bad_compression_input_fails_before_training(override, key, tmp_path):
+def test_bad_compression_input_fails_before_training(override, key, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # what train.py runs before anything else
+        cli.check_command_line(["compress=prune_structured", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: ") and key in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_compression_input_from_the_command_line_writes_nothing(tmp_path):
     result = run_train(
         [
             "compress=prune_structured",
-            override,
+            "compress.amount=1.5",
             f"hydra.run.dir={tmp_path / 'run'}",
             f"paths.cache_dir={tmp_path / 'cache'}",
         ]
     )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: ") and key in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "compress.amount" in result.stderr
     assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "cache").exists()
 
 
@@ -111,6 +119,6 @@ def test_bad_compression_input_fails_before_training(override, key, tmp_path):
 )
 def test_compression_that_cannot_apply_is_refused_before_training(make_cfg, tmp_path, overrides):
     with pytest.raises(ConfigError):
-        pipeline.run(make_cfg(*overrides, "compress.finetune_epochs=0", *QUICK), raise_on_failure=True)
+        pipeline.run(make_cfg(*overrides, "compress.finetune_epochs=0", *QUICK, own_cache=True), raise_on_failure=True)
     assert not (tmp_path / "cache").exists()  # no teacher was trained
     assert not list(tmp_path.rglob("results.json"))

@@ -106,31 +106,33 @@ def test_a_warm_check_answers_without_importing_torch(args, expected, tmp_path, 
     assert out.stderr.strip() == expected
 
 
-def test_a_teacher_file_that_is_not_a_state_dict_fails_before_training(tmp_path):
+def test_a_teacher_file_that_is_not_a_state_dict_fails_before_training(tmp_path, capsys):
     bad = tmp_path / "not_a_state_dict.pt"
     torch.save([1, 2, 3], bad)
     wrong = tmp_path / "other_arch.pt"
     torch.save(torch.nn.Linear(3, 2).state_dict(), wrong)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    for path, message in (
-        (bad, "a state_dict"),
-        (wrong, "of the teacher's architecture"),
-        (text, "not a torch.save file"),
-        (tmp_path / "missing.pt", "does not exist"),
-    ):
-        result = run_train(
-            [
-                f"teacher.ckpt_path={path}",
-                f"hydra.run.dir={tmp_path / 'run'}",
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                "trainer.enable_progress_bar=false",
-            ]
+    for n, (path, message) in enumerate(
+        (
+            (bad, "a state_dict"),
+            (wrong, "of the teacher's architecture"),
+            (text, "not a torch.save file"),
+            (tmp_path / "missing.pt", "does not exist"),
         )
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-        assert result.returncode == 2 and len(errors) == 1, result.stderr
+    ):
+        args = [f"teacher.ckpt_path={path}", "trainer.enable_progress_bar=false"]
+        if n == 0:  # through train.py once; the others take the job's own path in this process
+            result = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+            code, stderr = result.returncode, result.stderr
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                cli.run_job(compose_cfg(args, tmp_path / "run", tmp_path / "cache"))
+            code, stderr = exit_info.value.code, capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("error")]
+        assert code == 2 and len(errors) == 1, stderr
         assert "teacher.ckpt_path=" in errors[0] and message in errors[0], errors[0]
-        assert "Traceback" not in result.stderr
+        assert "Traceback" not in stderr
         assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "cache").exists()
 
 

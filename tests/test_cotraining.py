@@ -138,7 +138,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 
 def test_dml_run_reports_every_peer_and_writes_no_teacher_cache(make_cfg, tmp_path):
-    cfg = make_cfg("distill=dml", "distill.peers=3", "student=cnn", "student.width=4")
+    cfg = make_cfg("distill=dml", "distill.peers=3", "student=cnn", "student.width=4", own_cache=True)
     record = pipeline.run(cfg)
     assert record["method"] == "dml" and record["kept_peer"] == 0
     assert [peer["arch"] for peer in record["peers"]] == ["cnn", "cnn", "cnn"]
@@ -154,7 +154,7 @@ def test_dml_run_reports_every_peer_and_writes_no_teacher_cache(make_cfg, tmp_pa
 
 
 def test_online_run_trains_the_teacher_alongside(make_cfg, tmp_path):
-    record = pipeline.run(make_cfg("distill=online"))
+    record = pipeline.run(make_cfg("distill=online", own_cache=True))
     assert record["teacher"]["arch"] == "cnn" and record["teacher"]["cache"] == "cotrained"
     assert record["teacher"]["test"]["acc"] > 0.5  # trained from scratch in the same 3 epochs
     assert [peer["arch"] for peer in record["peers"]] == ["mlp", "cnn"]

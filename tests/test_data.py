@@ -3,6 +3,7 @@ valued in conf/data/, checked up front without torch and again when built from P
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from typing import Any
@@ -92,32 +93,51 @@ def _yaml(option: str) -> tuple[str, dict]:
     return values.pop("_target_"), values
 
 
+# one process checks every bad value in turn (each line on its own stderr) and says at the end
+# whether torch was imported: a fresh interpreter is what "before torch" is about, one is enough
 _COMMAND_LINE = """
-import sys
+import contextlib, io, json, sys
 from distillab import cli
-try:
-    cli.check_command_line(sys.argv[1:])
-except SystemExit as done:
-    print("exit", done.code, "torch" in sys.modules)
+answers = {}
+for override in sys.argv[1:]:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cli.check_command_line([override])
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    answers[override] = [code, err.getvalue()]
+print(json.dumps({"answers": answers, "torch": "torch" in sys.modules}))
 """
+BAD_VALUES = {
+    "data.val_fraction=2": "data.val_fraction=2 is not allowed: a fraction in (0, 1)",
+    "data.batch_size=0": "data.batch_size=0 is not allowed: an integer >= 1",
+    "data.labelled_fraction=1.5": "data.labelled_fraction=1.5 is not allowed: a fraction in (0, 1]",
+    "data.normalize=maybe": "data.normalize='maybe' is not allowed: true or false",
+    "data.eval_batchsize=8": "data.eval_batchsize is not a known key; allowed keys of data: ",
+}
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("data.val_fraction=2", "data.val_fraction=2 is not allowed: a fraction in (0, 1)"),
-        ("data.batch_size=0", "data.batch_size=0 is not allowed: an integer >= 1"),
-        ("data.labelled_fraction=1.5", "data.labelled_fraction=1.5 is not allowed: a fraction in (0, 1]"),
-        ("data.normalize=maybe", "data.normalize='maybe' is not allowed: true or false"),
-        ("data.eval_batchsize=8", "data.eval_batchsize is not a known key; allowed keys of data: "),
-    ],
-)
-def test_a_bad_value_is_one_line_before_torch_is_imported(override, message):
+@pytest.fixture(scope="module")
+def checked_in_a_fresh_process() -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", _COMMAND_LINE, override], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-c", _COMMAND_LINE, *BAD_VALUES], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
-    assert done.stdout.split() == ["exit", "2", "False"], (done.stdout, done.stderr)
-    err = done.stderr.strip()
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_the_checks_of_bad_values_import_no_torch(checked_in_a_fresh_process):
+    assert checked_in_a_fresh_process["torch"] is False
+    assert sorted(checked_in_a_fresh_process["answers"]) == sorted(BAD_VALUES)
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES.items())
+def test_a_bad_value_is_one_line_before_torch_is_imported(override, message, checked_in_a_fresh_process):
+    code, err = checked_in_a_fresh_process["answers"][override]
+    assert code == 2, err
+    err = err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
 
 

@@ -82,7 +82,7 @@ def test_a_rank_that_waits_in_vain_fails_with_one_line(make_cfg, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(teachers.WAIT_ENV, "0.3")
     monkeypatch.setattr(teachers, "POLL_S", 0.05)
-    cfg = make_cfg()
+    cfg = make_cfg(own_cache=True)
 
     def train(model, staging, single_process):
         raise AssertionError("a rank other than 0 must not train the teacher")
@@ -102,7 +102,7 @@ def test_a_rank_that_waits_in_vain_fails_with_one_line(make_cfg, monkeypatch):
     ],
 )
 def test_the_teacher_trains_on_one_device_only_when_the_strategy_reruns_the_script(make_cfg, overrides, single):
-    cfg = make_cfg(*overrides)
+    cfg = make_cfg(*overrides, own_cache=True)
     before = dict(cfg.trainer)
     seen = {}
 

@@ -86,7 +86,7 @@ def test_kd_against_an_ensemble_is_kd_against_the_averaged_distribution() -> Non
     ],
 )
 def test_bad_ensembles_fail_before_training(make_cfg, overrides: list[str], message: str, tmp_path) -> None:
-    cfg = make_cfg(*overrides)
+    cfg = make_cfg(*overrides, own_cache=True)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
         pipeline.run(cfg)
     assert "\n" not in str(error.value)
@@ -105,7 +105,7 @@ def test_members_take_the_run_teacher_recipe(make_cfg) -> None:
 
 # -- end to end -------------------------------------------------------------------------------------
 def test_an_ensemble_run_reports_every_teacher(make_cfg, tmp_path) -> None:
-    cfg = make_cfg("teachers=[cnn,mlp]", "distill.temperature=4")
+    cfg = make_cfg("teachers=[cnn,mlp]", "distill.temperature=4", own_cache=True)
     record = pipeline.run(cfg)
     assert record["status"] == "ok"
     assert record["teacher"]["arch"] == "ensemble(cnn+mlp)"
@@ -116,7 +116,9 @@ def test_an_ensemble_run_reports_every_teacher(make_cfg, tmp_path) -> None:
     assert record["teacher"]["params"] == sum(m["params"] for m in members)
 
     # the second run trains nothing: both members come from the cache
-    again = pipeline.run(make_cfg("teachers=[cnn,mlp]", "distill.temperature=4", out=tmp_path / "again"))
+    again = pipeline.run(
+        make_cfg("teachers=[cnn,mlp]", "distill.temperature=4", out=tmp_path / "again", own_cache=True)
+    )
     assert [m["cache"] for m in again["teachers"]] == ["hit", "hit"]
     assert again["teacher"]["cache"] == "hit"
     assert again["teacher"]["test"] == record["teacher"]["test"]

@@ -30,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One teacher cache for the runs of this file: the teacher is trained once."""
-    return tmp_path_factory.mktemp("teacher_cache")
+def cache(teacher_cache):
+    """The session's teacher cache (tests/conftest.py): the teacher is trained once."""
+    return teacher_cache
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_every_option_holds_every_setting_and_the_code_none(option):
 )
 def test_bad_export_settings_are_one_line_before_any_work(make_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError) as caught:
-        pipeline.run(make_cfg("export=onnx", override), raise_on_failure=True)
+        pipeline.run(make_cfg("export=onnx", override, own_cache=True), raise_on_failure=True)
     assert str(caught.value) == message
     assert not (tmp_path / "cache").exists() and not list(tmp_path.rglob("results.json"))
 
@@ -90,7 +90,7 @@ def test_torchscript_takes_no_onnx_settings():
 def test_a_missing_onnx_package_is_one_line_before_training(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
     with pytest.raises(ConfigError) as caught:
-        pipeline.run(make_cfg("export=onnx"), raise_on_failure=True)
+        pipeline.run(make_cfg("export=onnx", own_cache=True), raise_on_failure=True)
     assert str(caught.value) == (
         'export.format=onnx needs the export extra (onnxscript missing): pip install -e ".[export]"'
     )

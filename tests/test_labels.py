@@ -168,7 +168,9 @@ def teacher_batches(make_cfg, monkeypatch, *overrides: str) -> tuple[list[tuple]
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(ClassifierModule, "training_step", spy)
-    cfg = make_cfg("data.labelled_fraction=0.1", "teacher.recipe.max_epochs=1", "teacher.width=8", *overrides)
+    cfg = make_cfg(
+        "data.labelled_fraction=0.1", "teacher.recipe.max_epochs=1", "teacher.width=8", *overrides, own_cache=True
+    )
     parts = pipeline.prepare(cfg)
     teacher = pipeline.obtain_teacher(cfg, parts)
     assert teacher.cache == "miss"

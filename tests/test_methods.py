@@ -574,12 +574,6 @@ def test_a_bad_value_fails_in_one_line_naming_the_key(option, bad, message):
 
 
 # -- one short digits run per method -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory) -> Path:
-    """One cache for the module, so the digits teacher trains once for every method."""
-    return tmp_path_factory.mktemp("teacher_cache")
-
-
 def _logged(run: Path) -> list[dict[str, float]]:
     rows = csv.DictReader((run / "csv" / "student" / "metrics.csv").open())
     return [{k: float(v) for k, v in row.items() if v} for row in rows if row.get("train/loss")]

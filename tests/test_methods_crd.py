@@ -319,12 +319,6 @@ def test_cached_teacher_outputs_never_stand_in_for_the_live_teacher():
 
 
 # -- short runs ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory) -> Path:
-    """One cache for the module, so the digits teacher trains once for every run."""
-    return tmp_path_factory.mktemp("teacher_cache")
-
-
 def _logged(run: Path, role: str = "student") -> list[dict[str, float]]:
     rows = csv.DictReader((run / "csv" / role / "metrics.csv").open())
     return [{k: float(v) for k, v in row.items() if v} for row in rows if row.get("train/loss")]
@@ -400,7 +394,7 @@ def test_compression_fine_tuning_with_crd(make_cfg, tmp_path, teacher_cache, cap
 
 
 @pytest.mark.slow  # ~45 s: a teacher and a student fitted by two spawned processes
-def test_data_parallel_processes_keep_one_memory(tmp_path):
+def test_data_parallel_processes_keep_one_memory(tmp_path, teacher_cache):
     """Under DDP each process updates its memory with the whole global batch (gathered), so the
     copies stay equal and rank 0's copy, in the checkpoint, has every training sample's row."""
     run = tmp_path / "run"
@@ -416,7 +410,7 @@ def test_data_parallel_processes_keep_one_memory(tmp_path):
             "student=cnn",
             "student.width=8",
             f"hydra.run.dir={run}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -60,6 +60,7 @@ def test_teacher_and_student_each_follow_their_own_recipe(make_cfg, tmp_path, sc
         "teacher.recipe.optim.optimizer.lr=0.002",
         "teacher.recipe.max_epochs=2",
         "trainer.max_epochs=3",
+        own_cache=True,  # the teacher is trained here: its logged learning rates are checked
     )
     assert pipeline.run(cfg)["status"] == "ok"
     assert _logged(tmp_path / "run" / "csv" / "student" / "metrics.csv", "train/lr") == pytest.approx(expected)

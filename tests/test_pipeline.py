@@ -12,7 +12,7 @@ from tests.conftest import teacher_folder, teacher_key
 
 
 def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
-    cfg = make_cfg("distill=kd", "distill.lam=0.5", "distill.temperature=2")
+    cfg = make_cfg("distill=kd", "distill.lam=0.5", "distill.temperature=2", own_cache=True)
     record = pipeline.run(cfg)
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk == record
@@ -41,17 +41,17 @@ def test_run_writes_a_complete_results_json(make_cfg, tmp_path):
 
 
 def test_second_run_hits_the_teacher_cache(make_cfg, tmp_path, caplog):
-    first = pipeline.run(make_cfg(out=tmp_path / "a"))
+    first = pipeline.run(make_cfg(out=tmp_path / "a", own_cache=True))
     caplog.clear()
     with caplog.at_level("INFO", logger="distillab.steps.teacher.cache"):
-        second = pipeline.run(make_cfg("distill=none", "seed=1", out=tmp_path / "b"))
+        second = pipeline.run(make_cfg("distill=none", "seed=1", out=tmp_path / "b", own_cache=True))
     assert first["teacher"]["cache"] == "miss" and second["teacher"]["cache"] == "hit"
     assert second["teacher"]["cache_key"] == first["teacher"]["cache_key"]
     assert second["teacher"]["test"] == first["teacher"]["test"]
     assert any(f"teacher cache hit: key {first['teacher']['cache_key']}" in m for m in caplog.messages)
     assert second["timing_s"]["teacher"] < first["timing_s"]["teacher"]
     # a different teacher recipe is another teacher
-    third = pipeline.run(make_cfg("teacher.recipe.max_epochs=2", out=tmp_path / "c"))
+    third = pipeline.run(make_cfg("teacher.recipe.max_epochs=2", out=tmp_path / "c", own_cache=True))
     assert third["teacher"]["cache"] == "miss"
     assert third["teacher"]["cache_key"] != first["teacher"]["cache_key"]
 
@@ -65,7 +65,7 @@ def test_cache_key_ignores_the_run_seed_and_display_settings(make_cfg):
 
 
 def test_a_killed_teacher_training_leaves_nothing_trusted(make_cfg, tmp_path):
-    cfg = make_cfg()
+    cfg = make_cfg(own_cache=True)
 
     def crash(model, staging, single_process):
         (staging / "partial").write_text("half a teacher")
@@ -83,9 +83,10 @@ def test_teacher_from_a_state_dict_file(make_cfg, tmp_path):
     cfg = make_cfg()
     path = tmp_path / "teacher.pt"
     torch.save(pipeline.prepare(cfg).teacher.state_dict(), path)
-    record = pipeline.run(make_cfg(f"teacher.ckpt_path={path}", out=tmp_path / "file"))
+    file_cfg = make_cfg(f"teacher.ckpt_path={path}", out=tmp_path / "file", own_cache=True)
+    record = pipeline.run(file_cfg)
     assert record["teacher"]["cache"] == "file"
-    assert not Path(cfg.paths.cache_dir).exists()
+    assert not Path(file_cfg.paths.cache_dir).exists()
 
 
 def test_nan_loss_is_a_failed_run_with_one_line(make_cfg, tmp_path):
@@ -106,8 +107,8 @@ def test_in_a_sweep_a_failure_is_recorded_and_the_run_returns(make_cfg, tmp_path
 
 
 def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, tmp_path):
-    cold = pipeline.run(make_cfg("seed=3", out=tmp_path / "cold"))
-    warm = pipeline.run(make_cfg("seed=3", out=tmp_path / "warm"))
+    cold = pipeline.run(make_cfg("seed=3", out=tmp_path / "cold", own_cache=True))
+    warm = pipeline.run(make_cfg("seed=3", out=tmp_path / "warm", own_cache=True))
     pipeline.run(make_cfg("seed=4", out=tmp_path / "other"))
     assert (cold["teacher"]["cache"], warm["teacher"]["cache"]) == ("miss", "hit")
     assert cold["student"]["test"] == warm["student"]["test"]
@@ -118,7 +119,7 @@ def test_same_seed_same_student_whether_the_teacher_was_cached_or_not(make_cfg, 
     assert not all(torch.equal(a[key], c[key]) for key in a)
 
 
-def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path):
+def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_path, teacher_cache):
     from tests.conftest import FAST, run_train
 
     result = run_train(
@@ -128,7 +129,7 @@ def test_a_failed_run_from_the_command_line_is_one_line_and_a_failed_result(tmp_
             "distill=none",
             "data.normalize=false",
             f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ]
     )
     assert result.returncode == 1

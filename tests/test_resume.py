@@ -36,8 +36,8 @@ NAN = "optim.optimizer.lr=1e+30"  # the loss becomes NaN in the first epoch: a f
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("teacher_cache")
+def cache(teacher_cache: Path) -> Path:
+    return teacher_cache  # the session's (tests/conftest.py)
 
 
 def ok_record(cfg, **changes) -> dict:

@@ -109,7 +109,9 @@ def test_the_pre_hydra_check_passes_a_preset_and_rejects_a_bad_value_swept_on_to
     assert len(err.splitlines()) == 1 and "distill.lam=1.5 is not allowed" in err
 
 
-def test_a_preset_runs_from_the_command_line_and_a_key_given_there_replaces_its_sweep(tmp_path: Path) -> None:
+def test_a_preset_runs_from_the_command_line_and_a_key_given_there_replaces_its_sweep(
+    tmp_path: Path, teacher_cache: Path
+) -> None:
     sweep = tmp_path / "sweep"
     result = run_train(
         [
@@ -119,7 +121,7 @@ def test_a_preset_runs_from_the_command_line_and_a_key_given_there_replaces_its_
             "seed=0,1",
             *FAST,
             f"hydra.sweep.dir={sweep}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.cache_dir={teacher_cache}",
         ]
     )
     assert result.returncode == 0, result.stderr[-2000:]

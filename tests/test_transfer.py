@@ -163,7 +163,7 @@ def test_architectures_without_a_common_layer_are_a_one_line_error():
 )
 def test_bad_init_settings_fail_before_any_training(make_cfg, tmp_path, overrides, start):
     with pytest.raises(ConfigError) as info:
-        pipeline.run(make_cfg(*overrides))
+        pipeline.run(make_cfg(*overrides, own_cache=True))
     assert str(info.value).startswith(start) and "\n" not in str(info.value)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
