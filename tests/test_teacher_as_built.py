@@ -8,7 +8,8 @@ from distillab import pipeline
 
 
 def test_zero_recipe_epochs_keep_every_weight_and_batchnorm_statistic(make_cfg, tmp_path):
-    cfg = make_cfg("teacher=resnet8", "teacher.recipe.max_epochs=0", out=tmp_path / "a", own_cache=True)
+    overrides = ("teacher=resnet8", "teacher.recipe.max_epochs=0")
+    cfg = make_cfg(*overrides, out=tmp_path / "a", own_cache=True)
     parts = pipeline.prepare(cfg)
     built = copy.deepcopy(parts.teacher.state_dict())
     assert any(name.endswith("running_mean") for name in built)  # a teacher whose statistics could drift
@@ -19,6 +20,6 @@ def test_zero_recipe_epochs_keep_every_weight_and_batchnorm_statistic(make_cfg, 
     assert kept.keys() == built.keys()
     assert all(torch.equal(kept[name], built[name]) for name in built)
     # cached like any teacher: a second run loads the same weights
-    again = pipeline.prepare(make_cfg("teacher=resnet8", "teacher.recipe.max_epochs=0", out=tmp_path / "b", own_cache=True))
+    again = pipeline.prepare(make_cfg(*overrides, out=tmp_path / "b", own_cache=True))
     hit = pipeline.obtain_teacher(cfg, again)
     assert hit.cache == "hit" and all(torch.equal(hit.model.state_dict()[n], built[n]) for n in built)
