@@ -48,7 +48,7 @@ BAD = {
     "seeed=1": "seeed",
     "distill.lam=abc": "distill.lam",
     "trainer.accelerator=gpux": "trainer.accelerator",
-    "teacher.recipe.max_epochs=0": "teacher.recipe.max_epochs",
+    "teacher.recipe.max_epochs=-1": "teacher.recipe.max_epochs",
     # the values of a second list, with the whole message
     "seed=abc": "seed='abc' is not allowed: an integer in [0, 4294967295]",
     "seed=-1": "seed=-1 is not allowed: an integer in [0, 4294967295]",

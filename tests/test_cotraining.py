@@ -180,7 +180,7 @@ def test_dml_student_compresses_with_kd_fine_tuning(make_cfg):
         (["distill=none", "teacher_assistant=cnn"], "teacher_assistant=cnn is not allowed with distill=none"),
         (["teacher_assistant=bogus"], "teacher_assistant: 'bogus' is not a model option; allowed: "),
         (["teacher_assistant=cnn", "teacher_assistant.width=0"], "teacher_assistant.width"),
-        (["teacher_assistant=cnn", "teacher_assistant.recipe.max_epochs=0"], "teacher_assistant.recipe.max_epochs"),
+        (["teacher_assistant=cnn", "teacher_assistant.recipe.max_epochs=-1"], "teacher_assistant.recipe.max_epochs"),
     ],
 )
 def test_what_cannot_go_together_fails_before_training(overrides, message, make_cfg, tmp_path):

@@ -65,13 +65,13 @@ def test_a_trial_returns_the_students_validation_accuracy_never_its_test_accurac
         "student": {"val": {"acc": 0.61}, "test": {"acc": 0.93}},
         "teacher": {"test": {"acc": 0.99}},
     }
-    monkeypatch.setattr(pipeline, "run", lambda cfg: record)
+    monkeypatch.setattr(pipeline, "run", lambda cfg, **_: record)
     assert cli.run_job(OmegaConf.create({})) == 0.61
 
 
 @needs_optuna
 def test_a_failed_trial_returns_minus_infinity_which_optuna_records_as_the_worst(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "run", lambda cfg: {"status": "failed", "error": "FloatingPointError: nan"})
+    monkeypatch.setattr(pipeline, "run", lambda cfg, **_: {"status": "failed", "error": "FloatingPointError: nan"})
     value = cli.run_job(OmegaConf.create({}))
     assert value == -math.inf
     import optuna
@@ -602,7 +602,8 @@ def test_a_trial_whose_process_is_gone_is_failed_and_enqueued_again(tmp_path) ->
             storage.set_trial_system_attr(trial_id, study.OWNER_HOST, owner[0])
             storage.set_trial_system_attr(trial_id, study.OWNER_PID, owner[1])
     assert study.retry_dead_trials(shared, storage) == [gone.number]  # the remote one still has a fresh heartbeat
-    time.sleep(2.5)
+    # SQLite's clock counts whole seconds: a heartbeat 2.5 s old can read as 2 s, which is not stale
+    time.sleep(3.5)
     assert study.retry_dead_trials(shared, storage) == [remote.number, alive.number]  # no heartbeat for 2 s
     by_number = {t.number: t for t in shared.get_trials(deepcopy=False)}
     assert [by_number[t.number].state.name for t in (remote, gone, alive)] == ["FAIL"] * 3
