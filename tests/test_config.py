@@ -210,3 +210,22 @@ def test_a_rule_across_trainer_keys_is_one_line(capsys):
         "error: trainer.sync_batchnorm=True is not allowed: false with "
         "accelerator=cpu (torch's SyncBatchNorm runs on GPUs only)"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [
+        ("teacher_assistant=null", "teacher_assistant=none"),
+        ("teacher_assistant=null,cnn", "teacher_assistant=none,cnn"),
+        ("teacher_assistant=cnn", "teacher_assistant=cnn"),
+        ("teacher=null", "teacher=null"),
+    ],
+)
+def test_the_old_null_of_a_key_that_became_a_group_still_means_none(given, read, monkeypatch):
+    from distillab import cli
+
+    monkeypatch.setattr(sys, "argv", ["train.py", given, "--cfg", "job"])
+    assert cli.null_as_none(given) == read
+    if given.startswith("teacher_assistant"):
+        cli.check_command_line()  # no error: the spelling Hydra refuses for a group is read as none
+        assert sys.argv[1] == read

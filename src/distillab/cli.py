@@ -195,8 +195,26 @@ def objective(record: dict) -> float:
     return float(value) if value is not None else float("nan")
 
 
+#: keys that were plain values before they became config groups: Hydra takes no null for a group,
+#: so the old way of saying "none" (teacher_assistant=null, or null in a sweep's list) is read as none
+NULL_IS_NONE = ("teacher_assistant",)
+
+
+def null_as_none(override: str) -> str:
+    """``teacher_assistant=null`` (or ``=null,cnn``) as ``teacher_assistant=none`` (``=none,cnn``)."""
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("+") not in NULL_IS_NONE:
+        return override
+    return f"{key}={','.join('none' if choice.strip() == 'null' else choice for choice in value.split(','))}"
+
+
 def check_command_line(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Check the command line (``sys.argv`` when ``argv`` is None) before the heavy imports: a
+    mistake is one line and exit 2. The old spelling of a key that became a group is read anew in
+    place, so that Hydra, which parses ``sys.argv`` after this, reads it too."""
+    if argv is None:
+        sys.argv[1:] = [null_as_none(arg) for arg in sys.argv[1:]]
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else [null_as_none(arg) for arg in argv])
     if any(getattr(args, name, None) for name in _NO_CHECK):
         return
     config_name = args.config_name or "train"
