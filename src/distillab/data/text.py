@@ -34,6 +34,7 @@ Needs the text extra: ``pip install -e ".[text]"``.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -194,13 +195,13 @@ class TextDataModule(InMemoryDataModule):
         self._pretrained: Any = None  # a pretrained tokenizer, once loaded
 
     # what a subclass provides
+    @abc.abstractmethod
     def tables(self) -> dict[str, Table | None]:
         """``{"train"|"val"|"test": Table}``; None for a split cut from the training table."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def source(self) -> dict[str, Any]:
         """What identifies the data (content hashes), for the cache key."""
-        raise NotImplementedError
 
     def default_classes(self) -> list[str] | None:
         """The classes in the data's own order when it declares them (a dataset's class names)."""
