@@ -104,8 +104,47 @@ def stratified_split(
     return train_idx, val_idx, test_idx
 
 
+class LabelSwitch(abc.ABC):
+    """The share of training labels a datamodule serves (``labelled_fraction``), and the recipe's
+    switch to serve another share for a while: the teacher may learn from every label while the
+    student sees a fraction. The subset is drawn by ``split_seed`` alone (``labels.labelled_subset``)."""
+
+    def _init_labels(self, labelled_fraction: float, split_seed: int) -> None:
+        self.split_seed = int(split_seed)
+        self.labelled_fraction = float(labelled_fraction)
+        self._serving_fraction = self.labelled_fraction  # the share of labels the train loader yields now
+        self._labelled_masks: dict[float, Tensor] = {}
+
+    @abc.abstractmethod
+    def training_targets(self) -> Tensor:
+        """The training split's targets, in the order its samples are indexed."""
+
+    def labelled_mask(self, fraction: float | None = None) -> Tensor:
+        """Which training samples keep their label at ``fraction`` (None: ``labelled_fraction``)."""
+        fraction = self.labelled_fraction if fraction is None else float(fraction)
+        if fraction not in self._labelled_masks:
+            self._labelled_masks[fraction] = labelled_subset(self.training_targets(), fraction, self.split_seed)
+        return self._labelled_masks[fraction]
+
+    @contextlib.contextmanager
+    def labelled(self, fraction: float | None) -> Iterator[None]:
+        """Serve the labels of ``fraction`` of the training split for a while (None: all of them)."""
+        saved = self._serving_fraction
+        self._serving_fraction = 1.0 if fraction is None else float(fraction)
+        try:
+            yield
+        finally:
+            self._serving_fraction = saved
+
+    def served_targets(self, targets: Tensor) -> Tensor:
+        """The training targets as the train loader yields them now: hidden outside the served share."""
+        if self._serving_fraction < 1:
+            return hide_labels(targets, self.labelled_mask(self._serving_fraction))
+        return targets
+
+
 @checked
-class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
+class InMemoryDataModule(pl.LightningDataModule, LabelSwitch):
     """Base class of the built-in datamodules: train/val/test splits held as tensors, served
     by ``TensorBatches`` (batches ``(x, y, index)``, so cached teacher outputs need no wrapper),
     with switches for the teacher's recipe (``augmentation``, ``labelled``). A subclass
@@ -129,10 +168,7 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
     ) -> None:
         super().__init__()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.split_seed = int(split_seed)
-        self.labelled_fraction = float(labelled_fraction)
-        self._serving_fraction = self.labelled_fraction  # the share of labels the train loader yields now
-        self._labelled_masks: dict[float, Tensor] = {}
+        self._init_labels(labelled_fraction, split_seed)
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.shuffle_seed = 0
         self.use_augment = True  # datasets with an `augment` option set it from there
@@ -179,23 +215,8 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         finally:
             self.use_augment = saved
 
-    def labelled_mask(self, fraction: float | None = None) -> Tensor:
-        """Which training samples keep their label at ``fraction`` (None: ``labelled_fraction``)."""
-        fraction = self.labelled_fraction if fraction is None else float(fraction)
-        if fraction not in self._labelled_masks:
-            self._labelled_masks[fraction] = labelled_subset(self.splits["train"][1], fraction, self.split_seed)
-        return self._labelled_masks[fraction]
-
-    @contextlib.contextmanager
-    def labelled(self, fraction: float | None) -> Iterator[None]:
-        """Serve the labels of ``fraction`` of the training split for a while (None: all of them):
-        the teacher learns from the full labelled set while the student sees ``labelled_fraction``."""
-        saved = self._serving_fraction
-        self._serving_fraction = 1.0 if fraction is None else float(fraction)
-        try:
-            yield
-        finally:
-            self._serving_fraction = saved
+    def training_targets(self) -> Tensor:
+        return self.splits["train"][1]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -217,8 +238,8 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
 
     def _batches(self, split: str, shuffle: bool, batch_size: int) -> TensorBatches:
         x, y = self.splits[split]
-        if split == "train" and self._serving_fraction < 1:
-            y = hide_labels(y, self.labelled_mask(self._serving_fraction))
+        if split == "train":
+            y = self.served_targets(y)
         rank, world = self._distributed() if shuffle else (0, 1)
         return TensorBatches(x, y, batch_size, shuffle, self.shuffle_seed, rank=rank, world_size=world)
 

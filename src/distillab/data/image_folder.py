@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from distillab.data.base import LabelSwitch
 from distillab.data.vision import stratified_subset
-from distillab.labels import hide_labels, labelled_subset
 from distillab.settings import ConfigError, Count, NonNegativeCount, Range, Seed, checked
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class ImageDataModule(pl.LightningDataModule):
 
 
 @checked
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(ImageDataModule, LabelSwitch):
     """Train/val/test image folders in torchvision's ImageFolder layout, decoded and augmented in
     DataLoader worker processes (see the module doc). Settings: ``conf/data/image_folder.yaml``."""
 
@@ -367,10 +367,7 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.dirs = {"train": str(train_dir), "val": val_dir, "test": test_dir}
         self.sizes = {"val": int(val_size), "test": int(test_size)}
-        self.split_seed = int(split_seed)
-        self.labelled_fraction = float(labelled_fraction)
-        self._serving_fraction = self.labelled_fraction
-        self._labelled_masks: dict[float, Tensor] = {}
+        self._init_labels(labelled_fraction, split_seed)
         self.classes: list[str] = []
         self._samples: dict[str, tuple[list[str], Tensor]] = {}
 
@@ -409,28 +406,14 @@ class ImageFolderDataModule(ImageDataModule):
         return {split: len(paths) for split, (paths, _) in self.samples.items()}
 
     # -- labels --------------------------------------------------------------------------------------
-    def labelled_mask(self, fraction: float | None = None) -> Tensor:
-        """Which training samples keep their label at ``fraction`` (None: ``labelled_fraction``)."""
-        fraction = self.labelled_fraction if fraction is None else float(fraction)
-        if fraction not in self._labelled_masks:
-            self._labelled_masks[fraction] = labelled_subset(self.samples["train"][1], fraction, self.split_seed)
-        return self._labelled_masks[fraction]
-
-    @contextlib.contextmanager
-    def labelled(self, fraction: float | None) -> Iterator[None]:
-        """Serve the labels of ``fraction`` of the training split for a while (None: all)."""
-        saved = self._serving_fraction
-        self._serving_fraction = 1.0 if fraction is None else float(fraction)
-        try:
-            yield
-        finally:
-            self._serving_fraction = saved
+    def training_targets(self) -> Tensor:
+        return self.samples["train"][1]
 
     # -- loaders -------------------------------------------------------------------------------------
     def dataset(self, split: str) -> ImageFiles:
         paths, targets = self.samples[split]
-        if split == "train" and self._serving_fraction < 1:
-            targets = hide_labels(targets, self.labelled_mask(self._serving_fraction))
+        if split == "train":
+            targets = self.served_targets(targets)
         return ImageFiles(paths, targets, self.transform(split == "train"), self.bad_images)
 
     def train_dataloader(self) -> DataLoader:
