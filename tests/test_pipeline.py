@@ -150,10 +150,10 @@ def test_the_teacher_does_not_depend_on_the_run_seed(make_cfg, tmp_path):
 
 def test_teacher_only_augmentation_needs_a_datamodule_that_can_switch_it(make_cfg, monkeypatch):
     from distillab.config import ConfigError
-    from distillab.data import InMemoryDataModule
+    from distillab.data.base import AugmentationSwitch
 
     cfg = make_cfg("teacher.recipe.augment=true")
     pipeline.prepare(cfg)  # digits (an InMemoryDataModule) has the switch
-    monkeypatch.delattr(InMemoryDataModule, "augmentation")
+    monkeypatch.delattr(AugmentationSwitch, "augmentation")
     with pytest.raises(ConfigError, match="teacher.recipe.augment"):
         pipeline.prepare(cfg)

@@ -104,6 +104,24 @@ def stratified_split(
     return train_idx, val_idx, test_idx
 
 
+class AugmentationSwitch:
+    """A teacher's recipe may switch augmentation (``use_augment``) for a while: the teacher may
+    train on jittered inputs the student never sees."""
+
+    use_augment: bool
+
+    @contextlib.contextmanager
+    def augmentation(self, enabled: bool | None) -> Iterator[None]:
+        """Switch augmentation on or off for a while (None keeps the dataset's setting)."""
+        saved = self.use_augment
+        if enabled is not None:
+            self.use_augment = bool(enabled)
+        try:
+            yield
+        finally:
+            self.use_augment = saved
+
+
 class LabelSwitch(abc.ABC):
     """The share of training labels a datamodule serves (``labelled_fraction``), and the recipe's
     switch to serve another share for a while: the teacher may learn from every label while the
@@ -144,7 +162,7 @@ class LabelSwitch(abc.ABC):
 
 
 @checked
-class InMemoryDataModule(pl.LightningDataModule, LabelSwitch):
+class InMemoryDataModule(pl.LightningDataModule, AugmentationSwitch, LabelSwitch):
     """Base class of the built-in datamodules: train/val/test splits held as tensors, served
     by ``TensorBatches`` (batches ``(x, y, index)``, so cached teacher outputs need no wrapper),
     with switches for the teacher's recipe (``augmentation``, ``labelled``). A subclass
@@ -202,18 +220,6 @@ class InMemoryDataModule(pl.LightningDataModule, LabelSwitch):
     def augments(self) -> bool:
         """Whether training batches are randomly transformed (then inputs are not deterministic)."""
         return self.use_augment and type(self).augment is not InMemoryDataModule.augment
-
-    @contextlib.contextmanager
-    def augmentation(self, enabled: bool | None) -> Iterator[None]:
-        """Switch augmentation on or off for a while (None keeps the dataset's setting): a
-        teacher recipe may train on jittered inputs that the student never sees."""
-        saved = self.use_augment
-        if enabled is not None:
-            self.use_augment = bool(enabled)
-        try:
-            yield
-        finally:
-            self.use_augment = saved
 
     def training_targets(self) -> Tensor:
         return self.splits["train"][1]

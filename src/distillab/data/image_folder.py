@@ -23,12 +23,11 @@ the file, ``skip`` logs it once and serves the next readable image instead.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from distillab.data.base import LabelSwitch
+from distillab.data.base import AugmentationSwitch, LabelSwitch
 from distillab.data.vision import stratified_subset
 from distillab.settings import ConfigError, Count, NonNegativeCount, Range, Seed, checked
 
@@ -255,7 +254,7 @@ class ImageFiles(Dataset):
 
 # -- the datamodules -------------------------------------------------------------------------------
 @checked
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(pl.LightningDataModule, AugmentationSwitch):
     """What image folders and image shards share: the transforms, their switch, the loaders' workers."""
 
     def __init__(
@@ -300,18 +299,6 @@ class ImageDataModule(pl.LightningDataModule):
     def augments(self) -> bool:
         """Whether training batches are random crops (then the inputs differ every epoch)."""
         return self.use_augment
-
-    @contextlib.contextmanager
-    def augmentation(self, enabled: bool | None) -> Iterator[None]:
-        """Random crops on or off for a while (None keeps the setting); off, training images get
-        the evaluation transform."""
-        saved = self.use_augment
-        if enabled is not None:
-            self.use_augment = bool(enabled)
-        try:
-            yield
-        finally:
-            self.use_augment = saved
 
     def transform(self, train: bool) -> v2.Compose:
         if train and self.use_augment:
